@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 
 from finetune.errors import FinetuneError
 
@@ -47,12 +48,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="LoRA run folder")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("push", help="publish a run on the Hugging Face hub, with a model card",
+                       description="Build RUN/upload/ (safetensors, config, tokenizer, "
+                       "generation_config.json, recipe.yaml, metrics.json, samples, README.md "
+                       "card) and upload it. The token comes from HF_TOKEN or `hf auth login`.")
+    p.add_argument("run", metavar="RUN", help="run folder (full or LoRA)")
+    p.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="model repo to push to")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--merged", action="store_true",
+                   help="LoRA run: upload the adapter merged into its base (default: the adapter)")
+    p.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if needed)")
+    p.add_argument("--commit-message", metavar="MESSAGE")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only build the upload folder, contact nothing; prints its path last")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_push)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     args = build_parser().parse_args(argv)
+    if not args.debug:  # library deprecation chatter is not for users of the CLI
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         return args.func(args) or 0
     except FinetuneError as exc:
@@ -115,4 +135,12 @@ def cmd_merge(args) -> int:
     from finetune.lora import merge_run
 
     print(merge_run(args.run))
+    return 0
+
+
+def cmd_push(args) -> int:
+    from finetune.hub import push
+
+    push(args.run, args.repo_id, private=args.private, merged=args.merged,
+         revision=args.revision, commit_message=args.commit_message, dry_run=args.dry_run)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ class ModelSpec:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
         "auto",
         "Weights' dtype. auto: full fine-tunes keep fp32 weights and train in bf16 mixed precision "
-        "where the GPU supports it; LoRA loads the frozen base in bf16 there. fp32 on CPU.",
+        "where the GPU supports it; LoRA loads the frozen base in bf16 there. fp32 on CPU. "
+        "bfloat16 also turns on bf16 mixed precision unless training.bf16/fp16 is set.",
     )
     revision: str | None = _field(None, "Hub revision (branch, tag or commit) of `name`.")
     trust_remote_code: bool = _field(
@@ -320,6 +322,8 @@ def _check_training(training: dict, source: str | None) -> dict:
         stem = Path(source).stem if source else "run"
         out["output_dir"] = f"runs/{stem}"
     out.setdefault("report_to", "none")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda_available():
+        out.setdefault("use_cpu", True)  # else Accelerate sees no distributed CPU run (gloo)
     if out.get("learning_rate") is not None and out["learning_rate"] < 0:
         raise FinetuneError(
             f"training.learning_rate must be positive, got {out['learning_rate']} (try 5e-4)"
@@ -330,6 +334,12 @@ def _check_training(training: dict, source: str | None) -> dict:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FinetuneError(f"training: {first}") from None
     return out
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _check_cross_fields(recipe: Recipe) -> None:

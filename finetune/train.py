@@ -17,6 +17,8 @@ from finetune import data as data_lib
 from finetune import model as model_lib
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
+from finetune.plots import write_plots
+from finetune.samples import sample_callbacks
 
 STAGING = ".staging"  # final files are written here, then moved into the run folder
 
@@ -38,6 +40,9 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict:
     log(args, _data_summary(prepared, recipe.data.block_size))
 
     model = model_lib.load_model(recipe, config, tokenizer)
+    # GPT-2's class name hides its loss type; without it the Trainer counts each block's first
+    # token as predicted and reports eval_loss (and perplexity) too low by a factor (block-1)/block.
+    model.loss_type = model.loss_type or "ForCausalLM"
     if recipe.lora.enabled:
         if recipe.model.architecture and args.process_index == 0:
             _save_base(model, tokenizer, args.output_dir)  # so the adapter loads anywhere
@@ -53,6 +58,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict:
         eval_dataset=data_lib.BlockDataset(prepared.validation.blocks(block)),
         data_collator=default_data_collator,
         processing_class=tokenizer,
+        callbacks=sample_callbacks(recipe, tokenizer, resumed=resume is not None),
     )
     before = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
     start = time.perf_counter()
@@ -74,8 +80,14 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict:
         "data": prepared.stats(block),
     }
     save_run(trainer, recipe, metrics)
+    if trainer.is_world_process_zero():
+        write_plots(args.output_dir, trainer.state.log_history, metrics)
     log(args, f"perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity']:.2f}; "
               f"run saved to {args.output_dir}")
+    if recipe.hub.push == "end" and trainer.is_world_process_zero():
+        from finetune.hub import push_at_end
+
+        push_at_end(recipe)
     return metrics
 
 
@@ -90,9 +102,10 @@ def training_arguments(recipe: Recipe):
     values = dict(recipe.training)
     values.setdefault("include_num_input_tokens_seen", "all")
     values.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    values.pop("hub_token", None)  # checkpoints pickle the arguments; hub.push_at_end reads it
     if values.get("fp16") and not torch.cuda.is_available():
         raise FinetuneError("training.fp16 needs a CUDA GPU; remove it (CPU trains in fp32)")
-    if (recipe.model.dtype == "auto" and model_lib.bf16_supported()
+    if (recipe.model.dtype in ("auto", "bfloat16") and model_lib.bf16_supported()
             and "bf16" not in values and "fp16" not in values):
         values["bf16"] = True
     return TrainingArguments(**values)
