@@ -379,7 +379,8 @@ def reference_markdown() -> str:
                 f.default
             )
             shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...")
-            lines.append(f"| `{name}.{f.name}` | `{shown.strip()}` | {f.metadata['doc']} |")
+            doc = f.metadata["doc"].replace("|", "\\|")  # a bare | would end the table cell
+            lines.append(f"| `{name}.{f.name}` | `{shown.strip()}` | {doc} |")
     lines.append(
         "| `training.*` | see below | Any `transformers.TrainingArguments` field, passed as is. |"
     )
