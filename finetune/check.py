@@ -1,32 +1,198 @@
-"""`finetune check`: resolve and validate a recipe without loading weights."""
+"""`finetune check`: a preflight that catches mistakes before the first step, without loading weights.
+
+It validates every block (`training:` by building TrainingArguments), reads the model config and
+tokenizer where they are available offline, scans the data, counts steps, builds the model on the
+meta device to count parameters and LoRA matches, estimates peak memory and warns about risky
+settings. It writes nothing but the tokenized-data cache that training would write anyway.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+
 from finetune import corpus
-from finetune.config import load_recipe
+from finetune.config import Recipe, load_recipe
 from finetune.errors import FinetuneError
 
+HUB_HINT = "Hugging Face hub"
 
-def check(path: str, overrides: list[str]) -> dict:
+
+def check(path: str, overrides: list[str], as_json: bool = False) -> dict:
     recipe = load_recipe(path, overrides)
-    report = {"recipe": path, "output_dir": str(recipe.output_dir)}
+    report: dict = {"recipe": path, "output_dir": str(recipe.output_dir), "warnings": [],
+                    "needs_hub": []}
     corpus.resolve(recipe.data.train, "data.train")
     if recipe.data.validation:
         corpus.resolve(recipe.data.validation, "data.validation")
-    from finetune.model import context_length, resolve_config
-    from finetune.net import hub_reachable
+    args = _training_args(recipe)
+    config = _offline(report, "model config", lambda: _config(recipe))
+    tokenizer = _offline(report, "tokenizer", lambda: _tokenizer(recipe, args))
+    if tokenizer is not None:
+        report["data"] = _scan_data(recipe, tokenizer, args)
+    if config is not None:
+        report["model"] = _model_report(recipe, config, tokenizer)
+        report["memory_gib"] = estimate_memory(recipe, config, args, report["model"])
+    report["warnings"] += _warnings(recipe, config, report.get("data"))
+    print(json.dumps(report, indent=2) if as_json else _table(report))
+    return report
+
+
+def _offline(report: dict, what: str, load):
+    """Run `load`; if it needs the unreachable hub, note that instead of failing."""
+    try:
+        return load()
+    except FinetuneError as exc:
+        if HUB_HINT not in str(exc):
+            raise
+        report["needs_hub"].append(what)
+        return None
+
+
+def _training_args(recipe: Recipe):
+    from finetune.train import training_arguments
+
+    return training_arguments(recipe)
+
+
+def _config(recipe: Recipe):
+    from finetune.model import resolve_config
     from finetune.train import check_block_size
 
-    try:
-        config = resolve_config(recipe.model)
-    except FinetuneError as exc:
-        if hub_reachable() or "Hugging Face hub" not in str(exc):
-            raise
-        report["model"] = f"{recipe.model.name} (config needs the hub, which is out of reach)"
-    else:
-        check_block_size(recipe, config)
-        report["model"] = f"{config.model_type}, context {context_length(config)}"
-    for key, value in report.items():
-        print(f"{key:>10}: {value}")
-    print("recipe is valid")
-    return report
+    config = resolve_config(recipe.model)
+    check_block_size(recipe, config)
+    return config
+
+
+def _tokenizer(recipe: Recipe, args):
+    from finetune.train import build_tokenizer
+
+    return build_tokenizer(recipe, args)
+
+
+def _scan_data(recipe: Recipe, tokenizer, args) -> dict:
+    from finetune import data as data_lib
+
+    prepared = data_lib.prepare(recipe.data, tokenizer, args.seed, progress=False)
+    data_lib.check_blocks(prepared, recipe.data.block_size, not recipe.data.validation)
+    stats = prepared.stats(recipe.data.block_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = args.per_device_train_batch_size * world
+    batches = math.ceil(stats["train"]["blocks"] / per_step)
+    steps_per_epoch = max(1, batches // args.gradient_accumulation_steps)
+    total = args.max_steps if args.max_steps > 0 else math.ceil(
+        args.num_train_epochs * steps_per_epoch)
+    stats.update(steps_per_epoch=steps_per_epoch, total_steps=total, processes=world,
+                 cache=str(prepared.cache_path))
+    return stats
+
+
+def _model_report(recipe: Recipe, config, tokenizer) -> dict:
+    """Parameters and LoRA matches from a model built on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.lora import projection_modules, target_modules
+
+    if tokenizer is not None and recipe.model.architecture:
+        config.vocab_size = len(tokenizer)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    out = {"family": config.model_type, "context": int(config.max_position_embeddings),
+           "layers": int(config.num_hidden_layers), "width": int(config.hidden_size),
+           "vocab": int(config.vocab_size), "parameters": total, "trainable": total}
+    if recipe.lora.enabled:
+        targets = target_modules(model, recipe.lora)
+        matched = {n: m for n, m in model.named_modules()
+                   if n in projection_modules(model) and n.rsplit(".", 1)[-1] in targets}
+        out["lora_modules"] = sorted(matched)
+        out["trainable"] = sum(recipe.lora.r * (_in_out(m)[0] + _in_out(m)[1])
+                               for m in matched.values())
+    return out
+
+
+def _in_out(module) -> tuple[int, int]:
+    if hasattr(module, "in_features"):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]  # Conv1D stores (in, out)
+
+
+def estimate_memory(recipe: Recipe, config, args, model: dict) -> dict:
+    """Peak memory per device in GiB: weights, gradients, optimizer state, activations, logits.
+
+    A planning figure (within ~30%), not a measurement: activations follow Korthikanti et al.
+    (34·b·T·d + 5·b·h·T² bytes per layer at 16 bits), checkpointing keeps one layer input each.
+    """
+    from finetune.model import weights_dtype
+
+    dtype = weights_dtype(recipe.model.dtype, recipe.lora.enabled)
+    weight_bytes = dtype.itemsize if hasattr(dtype, "itemsize") else 4
+    mixed = bool(args.bf16 or args.fp16) or weight_bytes == 2
+    act_bytes = 2 if mixed else 4
+    b, t = args.per_device_train_batch_size, recipe.data.block_size
+    d, layers = model["width"], model["layers"]
+    heads = int(getattr(config, "num_attention_heads", 1))
+    per_layer = (34 * b * t * d + 5 * b * heads * t * t) * act_bytes / 2
+    checkpointing = bool(args.gradient_checkpointing
+                         or getattr(args, "activation_checkpointing", False))
+    activations = (layers * b * t * d * act_bytes + per_layer) if checkpointing else (
+        layers * per_layer)
+    gib = 1024**3
+    parts = {
+        "weights": model["parameters"] * weight_bytes / gib,
+        "gradients": model["trainable"] * 4 / gib,
+        "optimizer": model["trainable"] * 8 / gib,  # AdamW: two fp32 moments
+        "activations": activations / gib,
+        "logits": b * t * model["vocab"] * (act_bytes + 4 + 4) / gib,  # logits, fp32 copy, grad
+    }
+    parts = {k: round(v, 3) for k, v in parts.items()}
+    parts["total"] = round(sum(parts.values()), 2)
+    return parts
+
+
+def _warnings(recipe: Recipe, config, data: dict | None) -> list[str]:
+    out = []
+    family = config.model_type if config is not None else recipe.model.architecture
+    if recipe.training.get("fp16") and family in ("gpt_neo", "gptj"):
+        out.append(f"training.fp16 on {family} tends to overflow (inf/NaN loss); "
+                   "use training.bf16=true on GPUs that support it")
+    if data:
+        if data["train"]["blocks"] < 8:
+            out.append(f"the training set is only {data['train']['blocks']} blocks: expect "
+                       "overfitting; add text or lower data.block_size")
+        if data["validation"]["blocks"] < 2:
+            out.append("the validation set is a single block: perplexity will be noisy")
+    if recipe.model.trust_remote_code:
+        out.append("model.trust_remote_code is on: code from the model repo will run")
+    return out
+
+
+def _table(report: dict) -> str:
+    lines = [f"recipe       {report['recipe']}", f"output       {report['output_dir']}"]
+    model = report.get("model")
+    if model:
+        lines.append(f"model        {model['family']}, {model['parameters']:,} parameters, "
+                     f"{model['layers']} layers x {model['width']}, context {model['context']}")
+        if "lora_modules" in model:
+            lines.append(f"lora         {len(model['lora_modules'])} modules, "
+                         f"{model['trainable']:,} trainable parameters")
+    data = report.get("data")
+    if data:
+        for name in ("train", "validation"):
+            s = data[name]
+            lines.append(f"{name:<12} {s['documents']} documents, {s['characters']:,} characters, "
+                         f"{s['tokens']:,} tokens, {s['blocks']} blocks")
+        lines.append(f"steps        {data['steps_per_epoch']} per epoch, {data['total_steps']} "
+                     f"in all ({data['processes']} process(es))")
+    memory = report.get("memory_gib")
+    if memory:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total")
+        lines.append(f"memory       ~{memory['total']:.2f} GiB per device ({parts})")
+    for what in report["needs_hub"]:
+        lines.append(f"needs hub    {what}: not available offline, downloaded when training")
+    for warning in report["warnings"]:
+        lines.append(f"warning      {warning}")
+    lines.append("recipe is valid")
+    return "\n".join(lines)

@@ -17,10 +17,10 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from finetune import corpus
 from finetune.config import DataSpec
@@ -80,8 +80,12 @@ class PreparedData:
         return out
 
 
-class BlockDataset(torch.utils.data.Dataset):
-    """Blocks of token ids; labels are the inputs (the model shifts them), nothing is padded."""
+class BlockDataset:
+    """Blocks of token ids; labels are the inputs (the model shifts them), nothing is padded.
+
+    A map-style dataset (`DataLoader` needs only `__len__` and `__getitem__`); torch is imported
+    on first use, so reading the cache (`finetune prepare`) does not pay for it.
+    """
 
     def __init__(self, blocks: np.ndarray):
         self.blocks = blocks
@@ -90,6 +94,8 @@ class BlockDataset(torch.utils.data.Dataset):
         return len(self.blocks)
 
     def __getitem__(self, index: int) -> dict:
+        import torch
+
         ids = torch.from_numpy(self.blocks[index].astype(np.int64))
         return {"input_ids": ids, "labels": ids.clone()}
 
@@ -112,10 +118,10 @@ def tokenize_documents(tokenizer, documents: list[str], progress: bool = True) -
     ids: list[list[int]] = []
     batch = 2048
     with tqdm(total=len(pieces), desc="tokenizing", unit="piece", disable=not progress,
-              leave=False) as bar:
+              leave=False, delay=1.0) as bar:  # no bar for corpora tokenized in a blink
         for start in range(0, len(pieces), batch):
             chunk = pieces[start: start + batch]
-            ids.extend(e.ids for e in tokenizer.backend_tokenizer.encode_batch(
+            ids.extend(e.ids for e in _encode_batch(tokenizer.backend_tokenizer)(
                 chunk, add_special_tokens=False))
             bar.update(len(chunk))
     per_doc: list[list[list[int]]] = [[] for _ in documents]
@@ -123,9 +129,14 @@ def tokenize_documents(tokenizer, documents: list[str], progress: bool = True) -
         per_doc[owner].append(piece_ids)
     out = []
     for parts in per_doc:
-        flat = np.fromiter((t for part in parts for t in part), dtype=np.int32)
+        flat = np.fromiter(chain.from_iterable(parts), dtype=np.int32)
         out.append(np.append(flat, np.int32(eos)))
     return out
+
+
+def _encode_batch(backend):
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never read.
+    return getattr(backend, "encode_batch_fast", backend.encode_batch)
 
 
 def _split_for_parallelism(tokenizer, text: str) -> list[str]:
@@ -242,7 +253,7 @@ def _load_split(path: Path, name: str) -> TokenizedSplit:
     )
 
 
-def check_blocks(prepared: PreparedData, block_size: int) -> None:
+def check_blocks(prepared: PreparedData, block_size: int, split_fraction: bool = False) -> None:
     """Both splits must hold at least one full block, or the run would train or judge nothing."""
     for name, setting in (("train", "data.train"), ("validation", "data.validation")):
         split: TokenizedSplit = getattr(prepared, name)
@@ -250,5 +261,6 @@ def check_blocks(prepared: PreparedData, block_size: int) -> None:
             raise FinetuneError(
                 f"the {name} set has {len(split.tokens)} tokens, less than one block of "
                 f"{block_size}: lower data.block_size, or give {setting} more text"
-                + (" (or raise data.validation_split)" if name == "validation" else "")
+                + (" (or raise data.validation_split)" if name == "validation" and split_fraction
+                   else "")
             )

@@ -138,16 +138,22 @@ def load_model(recipe: Recipe, config, tokenizer):
         config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
+        from finetune.quantize import load_kwargs
+
         source = pretrained_source(spec.name)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                source, config=config, dtype=dtype, **_hub_kwargs(spec, source)
+                source, config=config, dtype=dtype, **_hub_kwargs(spec, source),
+                **load_kwargs(spec.quantization),
             )
         except OSError as exc:
             raise FinetuneError(f"model.name: cannot load weights of {spec.name!r}: "
                                 f"{str(exc).splitlines()[0]}") from None
         if vocab_size > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(vocab_size)
+    model.config.pad_token_id = tokenizer.pad_token_id  # end-of-text, see finish_tokenizer
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
