@@ -178,13 +178,17 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     return get_base_model() if callable(get_base_model) else model
 
 
-def patch_model_for_chunked_loss(model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE):
+def patch_model_for_chunked_loss(
+    model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE, loss_function=None
+):
     """Make a causal-LM model compute its loss with `chunked_linear_cross_entropy`, in place.
 
     When `labels` are passed, the model runs its base transformer, computes the loss against the
     LM head's weight (and bias) and returns a `CausalLMOutputWithPast` with `logits=None`. Without
     labels (generation, inference) the original forward runs. A PEFT model is patched through
     its underlying transformers model, which PEFT's forward calls. Returns `model`.
+
+    `loss_function` replaces `chunked_linear_cross_entropy` (same arguments), e.g. a fused kernel.
 
     Evaluation that needs logits (`compute_metrics`) must call the model without labels.
     """
@@ -207,7 +211,7 @@ def patch_model_for_chunked_loss(model: nn.Module, chunk_size: int = DEFAULT_CHU
         return_dict = kwargs.pop("return_dict", None)
         kwargs.pop("logits_to_keep", None)  # no logits are returned
         outputs = lm.base_model(input_ids, return_dict=True, **kwargs)
-        loss = chunked_linear_cross_entropy(
+        loss = (loss_function or chunked_linear_cross_entropy)(
             outputs.last_hidden_state,
             head.weight,
             labels if shift_labels is None else shift_labels,
