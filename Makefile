@@ -29,12 +29,12 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check finetune tests
-	$(BIN)/ruff format --check finetune tests
+	$(BIN)/ruff check finetune tests bench
+	$(BIN)/ruff format --check finetune tests bench
 
 format: install
-	$(BIN)/ruff format finetune tests
-	$(BIN)/ruff check --fix finetune tests
+	$(BIN)/ruff format finetune tests bench
+	$(BIN)/ruff check --fix finetune tests bench
 
 data: data/elon-musk.txt
 

@@ -1,4 +1,4 @@
-"""`finetune check`: a preflight that catches mistakes before the first step, without loading weights.
+"""`finetune check`: a preflight that catches mistakes before the first step, loading no weights.
 
 It validates every block (`training:` by building TrainingArguments), reads the model config and
 tokenizer where they are available offline, scans the data, counts steps, builds the model on the
@@ -21,8 +21,12 @@ HUB_HINT = "Hugging Face hub"
 
 def check(path: str, overrides: list[str], as_json: bool = False) -> dict:
     recipe = load_recipe(path, overrides)
-    report: dict = {"recipe": path, "output_dir": str(recipe.output_dir), "warnings": [],
-                    "needs_hub": []}
+    report: dict = {
+        "recipe": path,
+        "output_dir": str(recipe.output_dir),
+        "warnings": [],
+        "needs_hub": [],
+    }
     corpus.resolve(recipe.data.train, "data.train")
     if recipe.data.validation:
         corpus.resolve(recipe.data.validation, "data.validation")
@@ -35,6 +39,7 @@ def check(path: str, overrides: list[str], as_json: bool = False) -> dict:
         report["model"] = _model_report(recipe, config, tokenizer)
         report["memory_gib"] = estimate_memory(recipe, config, args, report["model"])
     report["warnings"] += _warnings(recipe, config, report.get("data"))
+    report["warnings"] += _machine_warnings(recipe)
     print(json.dumps(report, indent=2) if as_json else _table(report))
     return report
 
@@ -81,10 +86,15 @@ def _scan_data(recipe: Recipe, tokenizer, args) -> dict:
     per_step = args.per_device_train_batch_size * world
     batches = math.ceil(stats["train"]["blocks"] / per_step)
     steps_per_epoch = max(1, batches // args.gradient_accumulation_steps)
-    total = args.max_steps if args.max_steps > 0 else math.ceil(
-        args.num_train_epochs * steps_per_epoch)
-    stats.update(steps_per_epoch=steps_per_epoch, total_steps=total, processes=world,
-                 cache=str(prepared.cache_path))
+    total = (
+        args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    )
+    stats.update(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        processes=world,
+        cache=str(prepared.cache_path),
+    )
     return stats
 
 
@@ -100,16 +110,26 @@ def _model_report(recipe: Recipe, config, tokenizer) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
-    out = {"family": config.model_type, "context": int(config.max_position_embeddings),
-           "layers": int(config.num_hidden_layers), "width": int(config.hidden_size),
-           "vocab": int(config.vocab_size), "parameters": total, "trainable": total}
+    out = {
+        "family": config.model_type,
+        "context": int(config.max_position_embeddings),
+        "layers": int(config.num_hidden_layers),
+        "width": int(config.hidden_size),
+        "vocab": int(config.vocab_size),
+        "parameters": total,
+        "trainable": total,
+    }
     if recipe.lora.enabled:
         targets = target_modules(model, recipe.lora)
-        matched = {n: m for n, m in model.named_modules()
-                   if n in projection_modules(model) and n.rsplit(".", 1)[-1] in targets}
+        matched = {
+            n: m
+            for n, m in model.named_modules()
+            if n in projection_modules(model) and n.rsplit(".", 1)[-1] in targets
+        }
         out["lora_modules"] = sorted(matched)
-        out["trainable"] = sum(recipe.lora.r * (_in_out(m)[0] + _in_out(m)[1])
-                               for m in matched.values())
+        out["trainable"] = sum(
+            recipe.lora.r * (_in_out(m)[0] + _in_out(m)[1]) for m in matched.values()
+        )
     return out
 
 
@@ -135,10 +155,12 @@ def estimate_memory(recipe: Recipe, config, args, model: dict) -> dict:
     d, layers = model["width"], model["layers"]
     heads = int(getattr(config, "num_attention_heads", 1))
     per_layer = (34 * b * t * d + 5 * b * heads * t * t) * act_bytes / 2
-    checkpointing = bool(args.gradient_checkpointing
-                         or getattr(args, "activation_checkpointing", False))
-    activations = (layers * b * t * d * act_bytes + per_layer) if checkpointing else (
-        layers * per_layer)
+    checkpointing = bool(
+        args.gradient_checkpointing or getattr(args, "activation_checkpointing", False)
+    )
+    activations = (
+        (layers * b * t * d * act_bytes + per_layer) if checkpointing else (layers * per_layer)
+    )
     gib = 1024**3
     parts = {
         "weights": model["parameters"] * weight_bytes / gib,
@@ -156,12 +178,16 @@ def _warnings(recipe: Recipe, config, data: dict | None) -> list[str]:
     out = []
     family = config.model_type if config is not None else recipe.model.architecture
     if recipe.training.get("fp16") and family in ("gpt_neo", "gptj"):
-        out.append(f"training.fp16 on {family} tends to overflow (inf/NaN loss); "
-                   "use training.bf16=true on GPUs that support it")
+        out.append(
+            f"training.fp16 on {family} tends to overflow (inf/NaN loss); "
+            "use training.bf16=true on GPUs that support it"
+        )
     if data:
         if data["train"]["blocks"] < 8:
-            out.append(f"the training set is only {data['train']['blocks']} blocks: expect "
-                       "overfitting; add text or lower data.block_size")
+            out.append(
+                f"the training set is only {data['train']['blocks']} blocks: expect "
+                "overfitting; add text or lower data.block_size"
+            )
         if data["validation"]["blocks"] < 2:
             out.append("the validation set is a single block: perplexity will be noisy")
     if recipe.model.trust_remote_code:
@@ -169,23 +195,45 @@ def _warnings(recipe: Recipe, config, data: dict | None) -> list[str]:
     return out
 
 
+def _machine_warnings(recipe: Recipe) -> list[str]:
+    """Settings this machine cannot honour (a GPU-only option on a laptop, no hub token): the
+    recipe may be meant for another machine, so these warn here and stop `train` there."""
+    from finetune import fast, hub
+
+    out = []
+    for guard in (fast.check, hub.preflight):
+        try:
+            guard(recipe)
+        except FinetuneError as exc:
+            out.append(f"on this machine, training would stop: {exc}")
+    return out
+
+
 def _table(report: dict) -> str:
     lines = [f"recipe       {report['recipe']}", f"output       {report['output_dir']}"]
     model = report.get("model")
     if model:
-        lines.append(f"model        {model['family']}, {model['parameters']:,} parameters, "
-                     f"{model['layers']} layers x {model['width']}, context {model['context']}")
+        lines.append(
+            f"model        {model['family']}, {model['parameters']:,} parameters, "
+            f"{model['layers']} layers x {model['width']}, context {model['context']}"
+        )
         if "lora_modules" in model:
-            lines.append(f"lora         {len(model['lora_modules'])} modules, "
-                         f"{model['trainable']:,} trainable parameters")
+            lines.append(
+                f"lora         {len(model['lora_modules'])} modules, "
+                f"{model['trainable']:,} trainable parameters"
+            )
     data = report.get("data")
     if data:
         for name in ("train", "validation"):
             s = data[name]
-            lines.append(f"{name:<12} {s['documents']} documents, {s['characters']:,} characters, "
-                         f"{s['tokens']:,} tokens, {s['blocks']} blocks")
-        lines.append(f"steps        {data['steps_per_epoch']} per epoch, {data['total_steps']} "
-                     f"in all ({data['processes']} process(es))")
+            lines.append(
+                f"{name:<12} {s['documents']} documents, {s['characters']:,} characters, "
+                f"{s['tokens']:,} tokens, {s['blocks']} blocks"
+            )
+        lines.append(
+            f"steps        {data['steps_per_epoch']} per epoch, {data['total_steps']} "
+            f"in all ({data['processes']} process(es))"
+        )
     memory = report.get("memory_gib")
     if memory:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total")

@@ -1,4 +1,4 @@
-"""Recipes: one YAML file per experiment, resolved with `key.path=value` overrides and validated strictly.
+"""Recipes: one YAML file per experiment, with `key.path=value` overrides, validated strictly.
 
 The blocks we own (model, tokenizer, data, lora, eval, hub) are small dataclasses; each field is
 documented once, where it is declared, and the README's recipe reference is generated from here.
@@ -25,7 +25,9 @@ FAMILIES = ("gpt2", "gpt_neo", "gptj")
 
 def _field(default: Any, doc: str, **kwargs: Any) -> Any:
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kwargs)
+        return field(
+            default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kwargs
+        )
     return field(default=default, metadata={"doc": doc}, **kwargs)
 
 
@@ -182,9 +184,7 @@ class Recipe:
     def to_dict(self) -> dict:
         """The resolved recipe as plain data, secrets removed: what `recipe.yaml` holds."""
         out = {name: dataclasses.asdict(getattr(self, name)) for name in BLOCKS}
-        out["training"] = {
-            k: v for k, v in self.training.items() if k not in SECRET_TRAINING_KEYS
-        }
+        out["training"] = {k: v for k, v in self.training.items() if k not in SECRET_TRAINING_KEYS}
         return out
 
     def to_yaml(self) -> str:
@@ -195,9 +195,7 @@ class Recipe:
 # --------------------------------------------------------------------------- loading
 
 
-def load_recipe(
-    path: str | Path, overrides: list[str] = (), check_training: bool = True
-) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), check_training: bool = True) -> Recipe:
     """Read a recipe file, apply `key.path=value` overrides and validate every block.
 
     `check_training=False` leaves `training:` unchecked (as written), which spares importing
@@ -249,7 +247,7 @@ def apply_override(raw: dict, override: str) -> None:
 
 
 def build_recipe(raw: dict, source: str | None = None, check_training: bool = True) -> Recipe:
-    """Validate plain recipe data into a Recipe; an unknown key or a wrong type raises FinetuneError."""
+    """Validate plain recipe data into a Recipe; an unknown key or wrong type is a FinetuneError."""
     valid_top = [*BLOCKS, "training"]
     for key in raw:
         if key not in valid_top:
@@ -274,10 +272,20 @@ def build_recipe(raw: dict, source: str | None = None, check_training: bool = Tr
 
 # Names people bring from other tools (PEFT, axolotl) -> our key, for "did you mean".
 ALIASES = {
-    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-    "modules": "target_modules", "seq_len": "block_size", "max_seq_length": "block_size",
-    "context_length": "block_size", "path": "train", "dataset": "train", "eval": "validation",
-    "model_name": "name", "model_type": "architecture", "torch_dtype": "dtype",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "modules": "target_modules",
+    "seq_len": "block_size",
+    "max_seq_length": "block_size",
+    "context_length": "block_size",
+    "path": "train",
+    "dataset": "train",
+    "eval": "validation",
+    "model_name": "name",
+    "model_type": "architecture",
+    "torch_dtype": "dtype",
 }
 
 
@@ -286,8 +294,10 @@ def _unknown(path: str, valid: list[str]) -> str:
     aliases = [a for a, target in ALIASES.items() if target in valid]
     close = difflib.get_close_matches(key, valid + aliases, n=1, cutoff=0.5)
     close = [ALIASES.get(c, c) if c not in valid else c for c in close]
-    hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else (
-        f"valid keys{' in ' + parent if parent else ''}: {', '.join(valid)}"
+    hint = (
+        f"did you mean {parent + '.' if parent else ''}{close[0]}?"
+        if close
+        else (f"valid keys{' in ' + parent if parent else ''}: {', '.join(valid)}")
     )
     return f"unknown key {path}: {hint}"
 
@@ -343,8 +353,13 @@ def _describe(hint: Any) -> str:
         return f"a list of {_describe(typing.get_args(hint)[0])}"
     if hint is type(None):
         return "null"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-            dict: "a mapping"}.get(hint, str(hint))
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        dict: "a mapping",
+    }.get(hint, str(hint))
 
 
 def _check_training(training: dict, source: str | None) -> dict:
@@ -437,8 +452,8 @@ def reference_markdown() -> str:
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for name, cls in BLOCKS.items():
         for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else (
-                f.default
+            default = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else (f.default)
             )
             shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...")
             doc = f.metadata["doc"].replace("|", "\\|")  # a bare | would end the table cell

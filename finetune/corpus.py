@@ -178,7 +178,7 @@ def _read_parquet(path: Path, text_column: str, key: str) -> list[str]:
 def _read_hub(source: Source, text_column: str) -> list[str]:
     from finetune.net import require_hub
 
-    name, _, config = source.spec[len(HUB_PREFIX):].partition(":")
+    name, _, config = source.spec[len(HUB_PREFIX) :].partition(":")
     require_hub(f"the dataset {name}", source.key)
     import datasets
 

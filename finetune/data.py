@@ -117,15 +117,23 @@ def tokenize_documents(tokenizer, documents: list[str], progress: bool = True) -
             owners.append(index)
     ids: list[list[int]] = []
     batch = 2048
-    with tqdm(total=len(pieces), desc="tokenizing", unit="piece", disable=not progress,
-              leave=False, delay=1.0) as bar:  # no bar for corpora tokenized in a blink
+    with tqdm(
+        total=len(pieces),
+        desc="tokenizing",
+        unit="piece",
+        disable=not progress,
+        leave=False,
+        delay=1.0,
+    ) as bar:  # no bar for corpora tokenized in a blink
         for start in range(0, len(pieces), batch):
-            chunk = pieces[start: start + batch]
-            ids.extend(e.ids for e in _encode_batch(tokenizer.backend_tokenizer)(
-                chunk, add_special_tokens=False))
+            chunk = pieces[start : start + batch]
+            ids.extend(
+                e.ids
+                for e in _encode_batch(tokenizer.backend_tokenizer)(chunk, add_special_tokens=False)
+            )
             bar.update(len(chunk))
     per_doc: list[list[list[int]]] = [[] for _ in documents]
-    for owner, piece_ids in zip(owners, ids):
+    for owner, piece_ids in zip(owners, ids, strict=True):
         per_doc[owner].append(piece_ids)
     out = []
     for parts in per_doc:
@@ -158,8 +166,11 @@ def _cuts_are_exact(tokenizer) -> bool:
     if backend is None or backend.normalizer is not None:
         return False
     state = json.loads(backend.to_str()).get("pre_tokenizer") or {}
-    return (state.get("type") == "ByteLevel" and not state.get("add_prefix_space")
-            and state.get("use_regex", True))
+    return (
+        state.get("type") == "ByteLevel"
+        and not state.get("add_prefix_space")
+        and state.get("use_regex", True)
+    )
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -220,7 +231,9 @@ def _hold_out(tokenizer, docs: list[str], fraction: float, seed: int, progress: 
     cut = len(tokens) - max(1, round(fraction * len(tokens)))
     chars = len(docs[0])
     train = TokenizedSplit(tokens[:cut], np.array([cut]), round(chars * cut / len(tokens)))
-    validation = TokenizedSplit(tokens[cut:], np.array([len(tokens) - cut]), chars - train.characters)
+    validation = TokenizedSplit(
+        tokens[cut:], np.array([len(tokens) - cut]), chars - train.characters
+    )
     return train, validation
 
 
@@ -261,6 +274,9 @@ def check_blocks(prepared: PreparedData, block_size: int, split_fraction: bool =
             raise FinetuneError(
                 f"the {name} set has {len(split.tokens)} tokens, less than one block of "
                 f"{block_size}: lower data.block_size, or give {setting} more text"
-                + (" (or raise data.validation_split)" if name == "validation" and split_fraction
-                   else "")
+                + (
+                    " (or raise data.validation_split)"
+                    if name == "validation" and split_fraction
+                    else ""
+                )
             )

@@ -1,4 +1,4 @@
-"""The one error type that means "the user's input is wrong": the CLI prints it on one line, exit 2."""
+"""Errors the CLI maps to exit codes: bad input (2), interrupted (130), diverged (1)."""
 
 
 class FinetuneError(Exception):

@@ -13,7 +13,7 @@ from finetune.errors import Diverged, Interrupted
 
 
 class InterruptCallback(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. A second one aborts at once."""
+    """First Ctrl-C: finish the step, save a checkpoint, stop. A second one aborts at once."""
 
     def __init__(self):
         self.requested: float = 0.0  # when the first Ctrl-C came (monotonic), 0 if none
@@ -30,8 +30,10 @@ class InterruptCallback(TrainerCallback):
         if self.requested:
             return
         self.requested = time.monotonic()
-        print("\nfinetune: Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort)",
-              flush=True)
+        print(
+            "\nfinetune: Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort)",
+            flush=True,
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
@@ -65,13 +67,17 @@ def last_checkpoint(output_dir: str) -> str | None:
     folder = Path(output_dir)
     if not folder.is_dir():
         return None
-    found = [p for p in folder.glob("checkpoint-*")
-             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    found = [
+        p
+        for p in folder.glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
     return str(max(found, key=lambda p: int(p.name.split("-")[-1]))) if found else None
 
 
-def raise_if_stopped(interrupt: InterruptCallback, nonfinite: NonFiniteLossCallback,
-                     output_dir: str, step: int) -> None:
+def raise_if_stopped(
+    interrupt: InterruptCallback, nonfinite: NonFiniteLossCallback, output_dir: str, step: int
+) -> None:
     """After trainer.train(): turn a stop requested by a guard into its error."""
     if nonfinite.bad_step is not None:
         good = last_checkpoint(output_dir)

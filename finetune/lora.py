@@ -72,7 +72,7 @@ def apply_lora(model, spec: LoraSpec, log=print):
 
 
 def merge_run(run: str) -> str:
-    """Merge a LoRA run's adapter into its base and save a full model to RUN/merged/ (atomically)."""
+    """Merge a LoRA run's adapter into its base; save the full model to RUN/merged/ atomically."""
     import os
     import shutil
     from pathlib import Path

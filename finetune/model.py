@@ -45,11 +45,14 @@ def resolve_config(spec: ModelSpec):
         try:
             config = AutoConfig.from_pretrained(source, **_hub_kwargs(spec, source))
         except (OSError, ValueError) as exc:
-            raise FinetuneError(f"model.name: cannot read the config of {spec.name!r}: "
-                                f"{str(exc).splitlines()[0]}") from None
+            raise FinetuneError(
+                f"model.name: cannot read the config of {spec.name!r}: {str(exc).splitlines()[0]}"
+            ) from None
         for key, value in overrides.items():
             if not hasattr(config, key):
-                raise FinetuneError(f"model.config.{key}: {config.model_type} configs have no such field")
+                raise FinetuneError(
+                    f"model.config.{key}: {config.model_type} configs have no such field"
+                )
             setattr(config, key, value)
     check_family(config, "model.name" if spec.name else "model.architecture")
     return config
@@ -125,7 +128,7 @@ def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
 
 
 def load_model(recipe: Recipe, config, tokenizer):
-    """The model to train: pretrained weights or a random init, its embeddings fitting the tokenizer."""
+    """The model to train: pretrained or a random init, its embeddings fitting the tokenizer."""
     from transformers import AutoModelForCausalLM
 
     spec = recipe.model
@@ -143,14 +146,21 @@ def load_model(recipe: Recipe, config, tokenizer):
         source = pretrained_source(spec.name)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                source, config=config, dtype=dtype, **_hub_kwargs(spec, source),
+                source,
+                config=config,
+                dtype=dtype,
+                **_hub_kwargs(spec, source),
                 **load_kwargs(spec.quantization),
             )
         except OSError as exc:
-            raise FinetuneError(f"model.name: cannot load weights of {spec.name!r}: "
-                                f"{str(exc).splitlines()[0]}") from None
+            raise FinetuneError(
+                f"model.name: cannot load weights of {spec.name!r}: {str(exc).splitlines()[0]}"
+            ) from None
         if vocab_size > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(vocab_size)
+    # GPT-2's config names no loss type; without one the Trainer counts every block's first
+    # token as predicted and reports eval_loss too low by a factor (block - 1) / block.
+    model.loss_type = model.loss_type or "ForCausalLM"
     model.config.pad_token_id = tokenizer.pad_token_id  # end-of-text, see finish_tokenizer
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -184,8 +194,10 @@ def load_tokenizer(spec: TokenizerSpec, model: ModelSpec):
         )
     path = Path(name).expanduser()
     if path.is_dir():
-        source = str(path / "merged") if (path / "merged" / "tokenizer_config.json").is_file() else (
-            str(path)
+        source = (
+            str(path / "merged")
+            if (path / "merged" / "tokenizer_config.json").is_file()
+            else (str(path))
         )
         kwargs = {}
     else:
@@ -194,8 +206,38 @@ def load_tokenizer(spec: TokenizerSpec, model: ModelSpec):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise FinetuneError(f"tokenizer: cannot load {name!r}: {str(exc).splitlines()[0]}") from None
+        raise FinetuneError(
+            f"tokenizer: cannot load {name!r}: {str(exc).splitlines()[0]}"
+        ) from None
     return finish_tokenizer(tokenizer)
+
+
+def build_tokenizer(recipe: Recipe, log=print):
+    """Load the tokenizer, or train one on the training corpus (cached by corpus and size)."""
+    spec = recipe.tokenizer
+    if spec.train_vocab_size is None:
+        return load_tokenizer(spec, recipe.model)
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from finetune import corpus
+    from finetune.data import cache_root
+
+    source = corpus.resolve(recipe.data.train, "data.train")
+    key = f"{source.fingerprint()[:20]}-{spec.train_vocab_size}-{recipe.data.text_column}"
+    path = cache_root(recipe.data) / "tokenizers" / key
+    if not (path / "tokenizer.json").is_file():
+        docs = corpus.read_documents(source, recipe.data.text_column, recipe.data.encoding)
+        log(f"training a {spec.train_vocab_size}-token BPE tokenizer on {source.spec}")
+        tokenizer = train_tokenizer(docs, spec.train_vocab_size)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return finish_tokenizer(AutoTokenizer.from_pretrained(str(path)))
 
 
 def _tokenizer_hub_kwargs(name: str) -> dict:
@@ -215,16 +257,20 @@ def finish_tokenizer(tokenizer):
 
 
 def train_tokenizer(documents: list[str], vocab_size: int):
-    """A byte-level BPE (GPT-2 style) trained on the corpus, with <|endoftext|> as its only special."""
+    """A byte-level BPE (GPT-2 style) trained on the corpus; <|endoftext|> is its only special."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     eot = "<|endoftext|>"
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(documents, vocab_size=vocab_size, special_tokens=[eot],
-                            show_progress=False)
+    bpe.train_from_iterator(
+        documents, vocab_size=vocab_size, special_tokens=[eot], show_progress=False
+    )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, eos_token=eot, bos_token=eot, unk_token=eot,
+        tokenizer_object=bpe._tokenizer,
+        eos_token=eot,
+        bos_token=eot,
+        unk_token=eot,
         model_max_length=1_000_000,
     )
     return finish_tokenizer(tokenizer)

@@ -9,7 +9,9 @@ from urllib.parse import urlparse
 
 from finetune.errors import FinetuneError
 
-OFFLINE_HINT = "for a run that needs no network, try: make finetune RECIPE=recipes/offline-demo.yaml"
+OFFLINE_HINT = (
+    "for a run that needs no network, try: make finetune RECIPE=recipes/offline-demo.yaml"
+)
 
 
 @lru_cache(maxsize=1)

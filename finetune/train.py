@@ -1,4 +1,4 @@
-"""`finetune train`: recipe -> model and tokenizer -> (LoRA) -> datasets -> Trainer -> train -> save.
+"""`finetune train`: recipe -> model, tokenizer -> (LoRA) -> datasets -> Trainer -> train -> save.
 
 Rank-agnostic: the launcher (accelerate, torchrun) owns distribution; data is prepared on the main
 process first and only the main process writes files.
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from finetune import data as data_lib
+from finetune import fast, guards, hub, packing
 from finetune import model as model_lib
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
@@ -30,68 +31,104 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict:
     resume = resume_checkpoint(recipe, args, overwrite)
     config = model_lib.resolve_config(recipe.model)
     check_block_size(recipe, config)
+    fast.check(recipe)
+    hub.preflight(recipe)  # `hub.push: end` without a token fails now, not after training
     set_seed(args.seed)
 
     with args.main_process_first(desc="preparing data"):
         tokenizer = build_tokenizer(recipe, args)
-        prepared = data_lib.prepare(recipe.data, tokenizer, args.seed,
-                                    progress=args.process_index == 0)
-    data_lib.check_blocks(prepared, recipe.data.block_size)
+        prepared = data_lib.prepare(
+            recipe.data, tokenizer, args.seed, progress=args.process_index == 0
+        )
+    data_lib.check_blocks(prepared, recipe.data.block_size, not recipe.data.validation)
     log(args, _data_summary(prepared, recipe.data.block_size))
 
     model = model_lib.load_model(recipe, config, tokenizer)
-    # GPT-2's class name hides its loss type; without it the Trainer counts each block's first
-    # token as predicted and reports eval_loss (and perplexity) too low by a factor (block-1)/block.
-    model.loss_type = model.loss_type or "ForCausalLM"
     if recipe.lora.enabled:
-        if recipe.model.architecture and args.process_index == 0:
-            _save_base(model, tokenizer, args.output_dir)  # so the adapter loads anywhere
-        from finetune.lora import apply_lora
+        model = with_lora(model, recipe, tokenizer, args)
+    model = fast.apply(model, recipe, log=lambda m: log(args, m))
 
-        model = apply_lora(model, recipe.lora, log=lambda m: log(args, m))
-
-    block = recipe.data.block_size
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=data_lib.BlockDataset(prepared.train.blocks(block)),
-        eval_dataset=data_lib.BlockDataset(prepared.validation.blocks(block)),
+        train_dataset=packing.block_dataset(prepared.train, recipe.data),
+        eval_dataset=packing.block_dataset(prepared.validation, recipe.data),
         data_collator=default_data_collator,
         processing_class=tokenizer,
-        callbacks=sample_callbacks(recipe, tokenizer, resumed=resume is not None),
+        callbacks=[
+            *sample_callbacks(recipe, tokenizer, resumed=resume is not None),
+            interrupt := guards.InterruptCallback(),
+            nonfinite := guards.NonFiniteLossCallback(),
+        ],
     )
+    _tensorboard_into_run(trainer)
     before = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
+    guards.raise_if_stopped(interrupt, nonfinite, args.output_dir, result.global_step)
     after = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
 
-    metrics = {
+    metrics = run_metrics(
+        trainer, result, before, after, seconds, prepared.stats(recipe.data.block_size)
+    )
+    save_run(trainer, recipe, metrics)
+    if trainer.is_world_process_zero():
+        write_plots(args.output_dir, trainer.state.log_history, metrics)
+    log(
+        args,
+        f"perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity']:.2f}; "
+        f"run saved to {args.output_dir}",
+    )
+    if recipe.hub.push == "end" and trainer.is_world_process_zero():
+        hub.push_at_end(recipe)
+    return metrics
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _tensorboard_into_run(trainer) -> None:
+    """TensorBoard's callback learns its folder at train start, after our first evaluation has
+    logged: without this it writes that one event to ./runs in the working directory."""
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__name__ == "TensorBoardCallback" and callback.logging_dir is None:
+            callback.logging_dir = str(Path(trainer.args.output_dir) / "runs")
+
+
+def with_lora(model, recipe: Recipe, tokenizer, args):
+    """Wrap the model with LoRA; a random-init base is saved first so the adapter loads anywhere."""
+    from finetune.lora import apply_lora, target_modules
+
+    target_modules(model, recipe.lora)  # a bad target list fails before anything is written
+    if recipe.model.architecture and args.process_index == 0:
+        _save_base(model, tokenizer, args.output_dir)
+    if recipe.model.quantization:
+        from finetune.quantize import prepare_for_lora
+
+        model = prepare_for_lora(model, args)
+    return apply_lora(model, recipe.lora, log=lambda m: log(args, m))
+
+
+def run_metrics(trainer, result, before: float, after: float, seconds: float, data: dict) -> dict:
+    """What metrics.json records: validation loss before and after, throughput, data, machine."""
+    from finetune.card import environment
+
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {
         "eval_loss_before": before,
         "perplexity_before": _perplexity(before),
         "eval_loss": after,
         "perplexity": _perplexity(after),
         "train_loss": result.training_loss,
         "global_step": result.global_step,
-        "train_tokens": int(trainer.state.num_input_tokens_seen),
+        "train_tokens": tokens,
         "train_seconds": round(seconds, 3),
-        "train_tokens_per_second": round(trainer.state.num_input_tokens_seen / seconds, 1),
-        "world_size": args.world_size,
-        "data": prepared.stats(block),
+        "train_tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "world_size": trainer.args.world_size,
+        "data": data,
+        "environment": environment(),
     }
-    save_run(trainer, recipe, metrics)
-    if trainer.is_world_process_zero():
-        write_plots(args.output_dir, trainer.state.log_history, metrics)
-    log(args, f"perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity']:.2f}; "
-              f"run saved to {args.output_dir}")
-    if recipe.hub.push == "end" and trainer.is_world_process_zero():
-        from finetune.hub import push_at_end
-
-        push_at_end(recipe)
-    return metrics
-
-
-# --------------------------------------------------------------------------- helpers
 
 
 def training_arguments(recipe: Recipe):
@@ -101,24 +138,28 @@ def training_arguments(recipe: Recipe):
 
     values = dict(recipe.training)
     values.setdefault("include_num_input_tokens_seen", "all")
+    values.setdefault("logging_nan_inf_filter", False)  # a NaN loss must reach the guard
     values.setdefault("dataloader_pin_memory", torch.cuda.is_available())
-    values.pop("hub_token", None)  # checkpoints pickle the arguments; hub.push_at_end reads it
+    values.pop("hub_token", None)  # checkpoints pickle these arguments: never a token
+    values = fast.training_defaults(recipe, values)  # tf32, fused AdamW, workers... on a GPU
     if values.get("fp16") and not torch.cuda.is_available():
         raise FinetuneError("training.fp16 needs a CUDA GPU; remove it (CPU trains in fp32)")
-    if (recipe.model.dtype in ("auto", "bfloat16") and model_lib.bf16_supported()
-            and "bf16" not in values and "fp16" not in values):
+    if (
+        recipe.model.dtype in ("auto", "bfloat16")
+        and model_lib.bf16_supported()
+        and "bf16" not in values
+        and "fp16" not in values
+    ):
         values["bf16"] = True
     return TrainingArguments(**values)
 
 
 def resume_checkpoint(recipe: Recipe, args, overwrite: bool) -> str | None:
     """The checkpoint to resume from; refuse to write into a finished or foreign run folder."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     out = Path(args.output_dir)
     setting = recipe.training.get("resume_from_checkpoint")
     if setting == "auto":
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        last = guards.last_checkpoint(str(out))
         if last is None:
             log(args, f"no checkpoint in {out} yet: starting from scratch")
         return last
@@ -145,27 +186,7 @@ def check_block_size(recipe: Recipe, config) -> None:
 
 def build_tokenizer(recipe: Recipe, args):
     """Load the tokenizer, or train one on the training corpus (cached by corpus and size)."""
-    spec = recipe.tokenizer
-    if spec.train_vocab_size is None:
-        return model_lib.load_tokenizer(spec, recipe.model)
-    from transformers import AutoTokenizer
-
-    from finetune import corpus
-
-    source = corpus.resolve(recipe.data.train, "data.train")
-    key = f"{source.fingerprint()[:20]}-{spec.train_vocab_size}-{recipe.data.text_column}"
-    path = data_lib.cache_root(recipe.data) / "tokenizers" / key
-    if not (path / "tokenizer.json").is_file():
-        docs = corpus.read_documents(source, recipe.data.text_column, recipe.data.encoding)
-        log(args, f"training a {spec.train_vocab_size}-token BPE tokenizer on {source.spec}")
-        tokenizer = model_lib.train_tokenizer(docs, spec.train_vocab_size)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return model_lib.finish_tokenizer(AutoTokenizer.from_pretrained(str(path)))
+    return model_lib.build_tokenizer(recipe, log=lambda message: log(args, message))
 
 
 def _save_base(model, tokenizer, output_dir: str) -> None:
@@ -207,9 +228,11 @@ def _data_summary(prepared, block_size: int) -> str:
     stats = prepared.stats(block_size)
     t, v = stats["train"], stats["validation"]
     source = "cached" if prepared.from_cache else "tokenized"
-    return (f"data ({source}): train {t['documents']} documents, {t['tokens']:,} tokens, "
-            f"{t['blocks']} blocks of {block_size}; validation {v['documents']} documents, "
-            f"{v['tokens']:,} tokens, {v['blocks']} blocks")
+    return (
+        f"data ({source}): train {t['documents']} documents, {t['tokens']:,} tokens, "
+        f"{t['blocks']} blocks of {block_size}; validation {v['documents']} documents, "
+        f"{v['tokens']:,} tokens, {v['blocks']} blocks"
+    )
 
 
 def log(args, message: str) -> None:

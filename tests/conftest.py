@@ -23,8 +23,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 # Tiny configs (2 layers, width 64) for each family, as `model.config` overrides.
 TINY = {
     "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128},
-    "gpt_neo": {"num_layers": 2, "hidden_size": 64, "num_heads": 2,
-                "max_position_embeddings": 128},
+    "gpt_neo": {"num_layers": 2, "hidden_size": 64, "num_heads": 2, "max_position_embeddings": 128},
     "gptj": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128},
 }
 
@@ -47,7 +46,7 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     text = SAMPLE.read_text()
     cut = text.index("\n", int(len(text) * 0.85))
     (folder / "train.txt").write_text(text[:cut])
-    (folder / "val.txt").write_text(text[cut + 1:])
+    (folder / "val.txt").write_text(text[cut + 1 :])
     return {"train": folder / "train.txt", "validation": folder / "val.txt"}
 
 
@@ -76,15 +75,24 @@ def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
 
 
-def train_tiny(out: Path, corpus: dict, family: str = "gpt2", lora: bool = False,
-               steps: int = 30, *extra: str) -> Path:
+def train_tiny(
+    out: Path, corpus: dict, family: str = "gpt2", lora: bool = False, steps: int = 30, *extra: str
+) -> Path:
     """A real `finetune train` of a tiny model, in-process; returns the run folder."""
     code = run_cli(
-        "train", DEMO, f"model.architecture={family}", tiny_config_arg(family),
-        f"data.train={corpus['train']}", f"data.validation={corpus['validation']}",
-        f"lora.enabled={str(lora).lower()}", f"training.output_dir={out}",
-        f"training.max_steps={steps}", "training.eval_steps=15", "training.save_steps=15",
-        "tokenizer.train_vocab_size=512", *extra,
+        "train",
+        DEMO,
+        f"model.architecture={family}",
+        tiny_config_arg(family),
+        f"data.train={corpus['train']}",
+        f"data.validation={corpus['validation']}",
+        f"lora.enabled={str(lora).lower()}",
+        f"training.output_dir={out}",
+        f"training.max_steps={steps}",
+        "training.eval_steps=15",
+        "training.save_steps=15",
+        "tokenizer.train_vocab_size=512",
+        *extra,
     )
     assert code == 0
     return out

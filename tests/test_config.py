@@ -1,4 +1,4 @@
-"""Recipes: overrides, strict keys with suggestions, types, cross-field rules, every shipped recipe."""
+"""Recipes: overrides, strict keys with suggestions, types, cross-field rules, shipped recipes."""
 
 from pathlib import Path
 
@@ -109,8 +109,10 @@ def test_every_shipped_recipe_is_valid_and_says_how_to_run_it(path: Path):
 
 
 def test_accelerate_configs_cover_single_multi_and_fsdp():
-    kinds = {yaml.safe_load(p.read_text())["distributed_type"]
-             for p in (ROOT / "recipes" / "accelerate").glob("*.yaml")}
+    kinds = {
+        yaml.safe_load(p.read_text())["distributed_type"]
+        for p in (ROOT / "recipes" / "accelerate").glob("*.yaml")
+    }
     assert {"NO", "MULTI_GPU", "FSDP"} <= kinds
 
 

@@ -31,8 +31,9 @@ def test_every_format_reads_one_document_per_file_or_row(tmp_path):
     (folder / "ignored.bin").write_bytes(b"\x00\x01")
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d, "n": 1}) for d in DOCS))
     (tmp_path / "d.json").write_text(json.dumps([{"body": d} for d in DOCS]))
-    (tmp_path / "d.csv").write_text("id,text\n" + "\n".join(f'{i},"{d}"' for i, d in
-                                                            enumerate(DOCS)))
+    (tmp_path / "d.csv").write_text(
+        "id,text\n" + "\n".join(f'{i},"{d}"' for i, d in enumerate(DOCS))
+    )
     pq.write_table(pa.table({"text": DOCS}), tmp_path / "d.parquet")
 
     assert _read(tmp_path / "a.txt") == [DOCS[0]]
@@ -109,8 +110,12 @@ def test_validation_split_is_by_document_and_deterministic(tmp_path, tokenizer):
         (folder / f"{i:02}.txt").write_text(f"Document {i}. " + "words " * (i + 5))
     spec = _spec(tmp_path, train=str(folder), validation_split=0.2)
     first = prepare(spec, tokenizer, seed=1, progress=False)
-    again = prepare(_spec(tmp_path / "other", train=str(folder), validation_split=0.2),
-                    tokenizer, seed=1, progress=False)
+    again = prepare(
+        _spec(tmp_path / "other", train=str(folder), validation_split=0.2),
+        tokenizer,
+        seed=1,
+        progress=False,
+    )
     other_seed = prepare(spec, tokenizer, seed=2, progress=False)
     assert first.train.documents == 16 and first.validation.documents == 4
     assert np.array_equal(first.validation.tokens, again.validation.tokens)
@@ -142,8 +147,9 @@ def test_a_set_smaller_than_one_block_is_an_error(tmp_path, tokenizer):
     train, val = tmp_path / "t.txt", tmp_path / "v.txt"
     train.write_text(SAMPLE.read_text())
     val.write_text("Maya: short.")
-    prepared = prepare(_spec(tmp_path, train=str(train), validation=str(val)), tokenizer, 0,
-                       progress=False)
+    prepared = prepare(
+        _spec(tmp_path, train=str(train), validation=str(val)), tokenizer, 0, progress=False
+    )
     with pytest.raises(FinetuneError, match="validation set has .* less than one block of 64"):
         check_blocks(prepared, 64)
     assert prepared.train.blocks(64).shape[1] == 64

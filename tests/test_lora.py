@@ -10,10 +10,16 @@ from .conftest import build_tiny_model
 
 EXPECTED = {
     "gpt2": ({"c_attn"}, {"c_attn", "c_proj", "c_fc"}, "Conv1D"),
-    "gpt_neo": ({"q_proj", "v_proj"}, {"q_proj", "k_proj", "v_proj", "out_proj", "c_fc",
-                                        "c_proj"}, "Linear"),
-    "gptj": ({"q_proj", "v_proj"}, {"q_proj", "k_proj", "v_proj", "out_proj", "fc_in",
-                                     "fc_out"}, "Linear"),
+    "gpt_neo": (
+        {"q_proj", "v_proj"},
+        {"q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"},
+        "Linear",
+    ),
+    "gptj": (
+        {"q_proj", "v_proj"},
+        {"q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"},
+        "Linear",
+    ),
 }
 
 

@@ -17,7 +17,9 @@ FAST = ["training.max_steps=2", "training.eval_strategy=no"]
 def _bad_inputs(tmp_path):
     """(case, overrides) pairs, each of which must exit 2 and write nothing."""
     files = {
-        "empty.txt": b"", "blank.txt": b"  \n \n", "binary.txt": b"GIF89a\x00\x01",
+        "empty.txt": b"",
+        "blank.txt": b"  \n \n",
+        "binary.txt": b"GIF89a\x00\x01",
         "latin1.txt": "na\u00efve caf\u00e9 ".encode("latin-1") * 100,
         "bad.jsonl": b'{"text": "ok"}\n{"text": oops}\n',
         "nocol.jsonl": b'{"body": "words"}\n',
@@ -29,11 +31,22 @@ def _bad_inputs(tmp_path):
     sample = str(ROOT / "data" / "sample-podcast.txt")
     return [
         ("missing corpus", ["data.train=nowhere.txt"]),
-        *[(name, [f"data.train={tmp_path / name}"]) for name in
-          ("empty.txt", "blank.txt", "binary.txt", "latin1.txt", "bad.jsonl", "nocol.jsonl")],
+        *[
+            (name, [f"data.train={tmp_path / name}"])
+            for name in (
+                "empty.txt",
+                "blank.txt",
+                "binary.txt",
+                "latin1.txt",
+                "bad.jsonl",
+                "nocol.jsonl",
+            )
+        ],
         ("validation smaller than a block", [f"data.validation={tmp_path / 'tiny.txt'}"]),
-        ("corpus smaller than a block", [f"data.train={tmp_path / 'tiny.txt'}",
-                                         f"data.validation={sample}"]),
+        (
+            "corpus smaller than a block",
+            [f"data.train={tmp_path / 'tiny.txt'}", f"data.validation={sample}"],
+        ),
         ("block size 0", ["data.block_size=0"]),
         ("block size beyond context", ["data.block_size=100000"]),
         ("unknown family", ["model.architecture=llama"]),
@@ -75,8 +88,17 @@ def test_existing_folder_is_left_exactly_as_it_was(tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
-    assert run_cli("train", DEMO, "lora.enabled=true", "lora.target_modules=[nope]",
-                   f"training.output_dir={out}", "--overwrite") == 2
+    assert (
+        run_cli(
+            "train",
+            DEMO,
+            "lora.enabled=true",
+            "lora.target_modules=[nope]",
+            f"training.output_dir={out}",
+            "--overwrite",
+        )
+        == 2
+    )
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
 
 
@@ -84,8 +106,14 @@ def test_cli_shows_no_traceback_without_debug_and_one_with_it(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "finetune", "check", str(DEMO), "data.train=nowhere.txt"]
     plain = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
-    debug = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True,
-                           env=env, cwd=ROOT, timeout=60)
+    debug = subprocess.run(
+        cmd[:3] + ["--debug"] + cmd[3:],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert plain.returncode == debug.returncode == 2
     assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
 
@@ -108,9 +136,17 @@ def test_check_lists_lora_modules_and_warns(capsys):
 
 def test_nan_loss_stops_naming_the_step_and_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan"
-    code = run_cli("train", DEMO, f"training.output_dir={out}", "training.max_steps=30",
-                   "training.learning_rate=1e12", "training.max_grad_norm=0",
-                   "training.logging_steps=1", "training.eval_strategy=no", "eval.prompts=[]")
+    code = run_cli(
+        "train",
+        DEMO,
+        f"training.output_dir={out}",
+        "training.max_steps=30",
+        "training.learning_rate=1e12",
+        "training.max_grad_norm=0",
+        "training.logging_steps=1",
+        "training.eval_strategy=no",
+        "eval.prompts=[]",
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "NaN or infinite by step" in err and "last good checkpoint: none" in err
@@ -119,10 +155,20 @@ def test_nan_loss_stops_naming_the_step_and_checkpoint(tmp_path, capsys):
 
 def _train_process(out, *extra):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "finetune", "train", str(DEMO), f"training.output_dir={out}",
-           "training.eval_strategy=no", "eval.prompts=[]", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "finetune",
+        "train",
+        str(DEMO),
+        f"training.output_dir={out}",
+        "training.eval_strategy=no",
+        "eval.prompts=[]",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for(path, proc, timeout=240):
@@ -164,7 +210,11 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes(tmp_path):
 
     last = int(last_checkpoint(str(out)).rsplit("-", 1)[1])
     assert last >= 5
-    resumed = _train_process(out, f"training.max_steps={last + 3}", "training.save_steps=5",
-                             "training.resume_from_checkpoint=auto")
+    resumed = _train_process(
+        out,
+        f"training.max_steps={last + 3}",
+        "training.save_steps=5",
+        "training.resume_from_checkpoint=auto",
+    )
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert json.loads((out / "metrics.json").read_text())["global_step"] == last + 3

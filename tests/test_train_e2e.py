@@ -10,8 +10,16 @@ import pytest
 
 from .conftest import DEMO, ROOT, run_cli, tiny_config_arg, train_tiny
 
-METRIC_KEYS = {"eval_loss_before", "perplexity_before", "eval_loss", "perplexity", "train_loss",
-               "global_step", "train_tokens", "train_seconds"}
+METRIC_KEYS = {
+    "eval_loss_before",
+    "perplexity_before",
+    "eval_loss",
+    "perplexity",
+    "train_loss",
+    "global_step",
+    "train_tokens",
+    "train_seconds",
+}
 
 
 def _generate_with_pipeline(path) -> str:
@@ -50,20 +58,35 @@ def test_train_every_family(tmp_path, corpus, family, lora):
 @pytest.mark.slow
 def test_fine_tune_a_fine_tune(tmp_path, corpus, full_run):
     out = tmp_path / "again"
-    code = run_cli("train", DEMO, "model.architecture=null", f"model.name={full_run}",
-                   "model.config={}", "tokenizer.train_vocab_size=null",
-                   f"data.train={corpus['train']}", f"data.validation={corpus['validation']}",
-                   f"training.output_dir={out}", "training.max_steps=10")
+    code = run_cli(
+        "train",
+        DEMO,
+        "model.architecture=null",
+        f"model.name={full_run}",
+        "model.config={}",
+        "tokenizer.train_vocab_size=null",
+        f"data.train={corpus['train']}",
+        f"data.validation={corpus['validation']}",
+        f"training.output_dir={out}",
+        "training.max_steps=10",
+    )
     assert code == 0
     before = json.loads((full_run / "metrics.json").read_text())["eval_loss"]
     assert json.loads((out / "metrics.json").read_text())["eval_loss_before"] == pytest.approx(
-        before, rel=1e-3)
+        before, rel=1e-3
+    )
 
 
 def _cli(*args, timeout=60):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 @pytest.mark.parametrize("override", ["lora.rnak=4", "trainig.max_steps=3", "data.blocksize=64"])
@@ -90,8 +113,14 @@ def test_non_empty_output_folder_is_refused(tmp_path):
 
 def test_hub_model_offline_fails_fast_naming_the_demo(tmp_path):
     start = time.monotonic()
-    result = _cli("train", DEMO, "model.architecture=null", "model.name=gpt2", "model.config={}",
-                  f"training.output_dir={tmp_path / 'x'}")
+    result = _cli(
+        "train",
+        DEMO,
+        "model.architecture=null",
+        "model.name=gpt2",
+        "model.config={}",
+        f"training.output_dir={tmp_path / 'x'}",
+    )
     assert time.monotonic() - start < 15
     assert result.returncode == 2
     assert "offline-demo.yaml" in result.stderr and "Traceback" not in result.stderr
@@ -108,16 +137,36 @@ def test_torchrun_two_processes_on_cpu(tmp_path, corpus):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "finetune", "train",
-         str(DEMO), tiny_config_arg("gpt2"), f"data.train={corpus['train']}",
-         f"data.validation={corpus['validation']}", f"training.output_dir={out}",
-         "training.max_steps=12", "training.save_steps=6", "training.eval_steps=6"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "finetune",
+            "train",
+            str(DEMO),
+            tiny_config_arg("gpt2"),
+            f"data.train={corpus['train']}",
+            f"data.validation={corpus['validation']}",
+            f"training.output_dir={out}",
+            "training.max_steps=12",
+            "training.save_steps=6",
+            "training.eval_steps=6",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_step"] == 12
     assert 12 * 16 * 64 < metrics["train_tokens"] <= 12 * 16 * 2 * 64  # both ranks counted
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == [
-        "checkpoint-12", "checkpoint-6"]
+        "checkpoint-12",
+        "checkpoint-6",
+    ]
     assert not (out / ".staging").exists()
