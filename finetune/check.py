@@ -32,7 +32,7 @@ def check(path: str, overrides: list[str], as_json: bool = False) -> dict:
         corpus.resolve(recipe.data.validation, "data.validation")
     args = _training_args(recipe)
     config = _offline(report, "model config", lambda: _config(recipe))
-    tokenizer = _offline(report, "tokenizer", lambda: _tokenizer(recipe, args))
+    tokenizer = _offline(report, "tokenizer", lambda: _tokenizer(recipe))
     if tokenizer is not None:
         report["data"] = _scan_data(recipe, tokenizer, args)
     if config is not None:
@@ -70,10 +70,10 @@ def _config(recipe: Recipe):
     return config
 
 
-def _tokenizer(recipe: Recipe, args):
-    from finetune.train import build_tokenizer
+def _tokenizer(recipe: Recipe):
+    from finetune.model import build_tokenizer
 
-    return build_tokenizer(recipe, args)
+    return build_tokenizer(recipe, log=lambda message: None)  # check prints its own table
 
 
 def _scan_data(recipe: Recipe, tokenizer, args) -> dict:

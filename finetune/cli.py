@@ -18,9 +18,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # `--debug` is accepted after the command too; SUPPRESS keeps the top-level value otherwise.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
 
     def recipe_command(name: str, help: str):
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
         p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
         p.add_argument(
             "overrides",
@@ -28,7 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a recipe key: dotted path, value parsed as YAML",
         )
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
         return p
 
     p = recipe_command("train", "train a model as the recipe says")
@@ -65,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "generate",
+        parents=[common],
         help="generate text from a run or model folder",
         description="Continue prompts; the same seed gives the same text. "
         "LoRA runs load their adapter unmerged.",
@@ -82,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", metavar="FILE", help="also write {prompt, sample, seed, text} JSON lines to FILE"
     )
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
         "eval",
+        parents=[common],
         help="perplexity of a run or model folder on held-out text",
         description="Token-weighted perplexity, by sliding windows as in the "
         "transformers perplexity guide.",
@@ -110,16 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="also evaluate the base model named in the run's recipe.yaml",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("merge", help="merge a LoRA run's adapter into RUN/merged/")
+    p = sub.add_parser(
+        "merge", parents=[common], help="merge a LoRA run's adapter into RUN/merged/"
+    )
     p.add_argument("run", metavar="RUN", help="LoRA run folder")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
         "push",
+        parents=[common],
         help="publish a run on the Hugging Face hub, with a model card",
         description="Build RUN/upload/ (safetensors, config, tokenizer, "
         "generation_config.json, recipe.yaml, metrics.json, samples, README.md "
@@ -140,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only build the upload folder, contact nothing; prints its path last",
     )
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_push)
     return parser
 

@@ -36,7 +36,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict:
     set_seed(args.seed)
 
     with args.main_process_first(desc="preparing data"):
-        tokenizer = build_tokenizer(recipe, args)
+        tokenizer = model_lib.build_tokenizer(recipe, log=lambda m: log(args, m))
         prepared = data_lib.prepare(
             recipe.data, tokenizer, args.seed, progress=args.process_index == 0
         )
@@ -182,11 +182,6 @@ def check_block_size(recipe: Recipe, config) -> None:
             f"data.block_size {recipe.data.block_size} is beyond the model's context of {limit} "
             f"tokens; set data.block_size={limit} or less"
         )
-
-
-def build_tokenizer(recipe: Recipe, args):
-    """Load the tokenizer, or train one on the training corpus (cached by corpus and size)."""
-    return model_lib.build_tokenizer(recipe, log=lambda message: log(args, message))
 
 
 def _save_base(model, tokenizer, output_dir: str) -> None:
