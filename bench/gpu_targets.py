@@ -9,6 +9,8 @@ with unused added tokens up to 50257, so the embeddings and the head have the re
 
 - gpt2: GPT-2 124M full fine-tune, block 1024, batch 16 (target >= 450k tokens/s on an H200,
   >= 4.7x the run_clm baseline, which `finetune bench` runs in the same process);
+- gpt2_unpadded: the same with `speed.pad_vocab=1` and no baseline: what vocabulary padding
+  (50257 -> 50304 rows, on by default there) is worth through finetune;
 - gpt_neo: GPT-Neo 125M full fine-tune, block 1024, batch 16 (>= 300k tokens/s, <= 15 GiB);
 - gptj: GPT-J 6B LoRA r16 q/v, block 1024, batch 4, activation checkpointing, 4-bit base
   (<= 10 GiB peak): the random bf16 weights are saved first (12 GB, minutes), since a quantized
@@ -38,6 +40,14 @@ PLANS = {
         "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
         "batch": 16,
         "overrides": [],
+    },
+    "gpt2_unpadded": {
+        "family": "gpt2",
+        "config": {},
+        "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
+        "batch": 16,
+        "overrides": ["speed.pad_vocab=1"],
+        "flags": ["--no-baseline"],
     },
     "gpt_neo": {
         "config": {
@@ -92,7 +102,7 @@ def saved_gptj(folder: Path, config: dict, vocab: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--only", default="gpt2,gpt_neo,gptj")
+    parser.add_argument("--only", default="gpt2,gpt2_unpadded,gpt_neo,gptj")
     parser.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp())
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
@@ -110,8 +120,9 @@ def main() -> None:
         f"block_size: {block}, cache_dir: {work / 'cache'}}}\n"
     )
     results = {}
-    for family in args.only.split(","):
-        plan = PLANS[family]
+    for name in args.only.split(","):
+        plan = PLANS[name]
+        family = plan.get("family", name)
         config = plan["tiny"] if args.tiny else plan["config"]
         config = {
             **config,
@@ -137,15 +148,16 @@ def main() -> None:
             "--warmup",
             str(args.warmup),
             "--json",
+            *plan.get("flags", []),
         ]
         print("$", " ".join(command), flush=True)
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:
-            results[family] = {"error": done.stderr.strip().splitlines()[-3:]}
+            results[name] = {"error": done.stderr.strip().splitlines()[-3:]}
         else:
-            results[family] = json.loads(done.stdout.strip().splitlines()[-1])
-        results[family]["command"] = " ".join(command)
-        print(json.dumps(results[family]), flush=True)
+            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[name]["command"] = " ".join(command)
+        print(json.dumps(results[name]), flush=True)
     (out / "gpu_targets.json").write_text(json.dumps(results, indent=1))
     shutil.rmtree(work, ignore_errors=True)  # GPT-J's saved weights are 12 GB
 

@@ -6,6 +6,8 @@
   fused kernel. At GPT-2 124M on an H200 the fused loss cost speed (214k vs 340k tokens/s,
   ../shared/PERFORMANCE.md) and bought only memory, so `auto` keeps the standard loss except for
   LoRA on a GPU, where the models are large and memory is the limit.
+- vocabulary padding: embedding and head rows rounded up to a multiple of 64 (finetune.vocab),
+  their logits masked; the saved model is unpadded.
 - GPU training defaults that fill only what `training:` leaves unset.
 - Training and evaluation calls (with labels) run without a KV cache: nothing reads it, and
   transformers only builds the block-diagonal mask of packed documents when there is none.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 
+from finetune import vocab
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
 
@@ -27,6 +30,19 @@ def check(recipe: Recipe, cuda: bool | None = None) -> None:
         raise FinetuneError(
             "speed.loss=fused needs a CUDA GPU and liger-kernel (pip install 'finetune[gpu]'); "
             "use speed.loss=chunked, which works everywhere"
+        )
+    pad = recipe.speed.pad_vocab
+    if pad != "auto" and pad < 1:
+        raise FinetuneError(
+            f"speed.pad_vocab: expected auto or a positive integer, got {pad} (1 turns it off)"
+        )
+    if pad != "auto" and pad > 1 and recipe.lora.enabled:
+        raise FinetuneError(
+            "speed.pad_vocab pads trained embeddings; with LoRA they are frozen: remove it"
+        )
+    if pad != "auto" and pad > 1 and _sharded(recipe):
+        raise FinetuneError(
+            "speed.pad_vocab cannot unpad sharded (FSDP, DeepSpeed) embeddings at save: remove it"
         )
     if recipe.model.quantization:
         from finetune.quantize import check_available
@@ -44,6 +60,15 @@ def loss_kind(recipe: Recipe, cuda: bool | None = None) -> str:
     return "standard"
 
 
+def pad_vocab_multiple(recipe: Recipe, model_type: str, cuda: bool | None = None) -> int:
+    """What `speed.pad_vocab` means for this model on this machine: 1 is no padding."""
+    if recipe.speed.pad_vocab != "auto":
+        return recipe.speed.pad_vocab
+    cuda = _cuda() if cuda is None else cuda
+    full = not recipe.lora.enabled and not _sharded(recipe)
+    return 64 if cuda and full and model_type in ("gpt2", "gpt_neo") else 1
+
+
 def apply(model, recipe: Recipe, log=print):
     """Switch the model (PEFT-wrapped or not) to the fast paths, in place; returns it."""
     from finetune.loss import patch_model_for_chunked_loss
@@ -55,6 +80,11 @@ def apply(model, recipe: Recipe, log=print):
     elif enable_sdpa(model):
         log("attention: GPT-Neo through SDPA (exact: unscaled scores, local window)")
     check_model(_causal_lm(model), recipe.data)
+
+    lm = _causal_lm(model)
+    padded = vocab.pad(lm, pad_vocab_multiple(recipe, lm.config.model_type))
+    if padded:
+        log(f"vocabulary: padded to {padded} rows, the extra logits masked")
 
     kind = loss_kind(recipe)
     if kind == "chunked":
@@ -160,6 +190,15 @@ def _no_cache_with_labels(model) -> None:
 def _causal_lm(model):
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
+
+
+def _sharded(recipe: Recipe) -> bool:
+    """FSDP or DeepSpeed, asked by the recipe or by `accelerate launch --config_file`."""
+    launcher = any(
+        os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true")
+        for name in ("FSDP", "DEEPSPEED")
+    )
+    return launcher or bool(recipe.training.get("fsdp") or recipe.training.get("deepspeed"))
 
 
 def _cuda() -> bool:

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from finetune.vocab import real_vocab_size
+
 # Tokens per chunk. One chunk of GPT-2 fp32 logits is 1024 x 50257 x 4 B = 206 MB; a few such
 # buffers live at once. Large enough for the matmuls to run at full speed on a GPU.
 DEFAULT_CHUNK_SIZE = 1024
@@ -217,7 +219,7 @@ def patch_model_for_chunked_loss(
             labels if shift_labels is None else shift_labels,
             chunk_size=chunk_size,
             bias=head.bias,
-            vocab_size=lm.config.vocab_size,
+            vocab_size=real_vocab_size(lm),
             num_items_in_batch=num_items_in_batch,
             shift=shift_labels is None,
         )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from finetune import vocab
 from finetune.config import FAMILIES, ModelSpec, Recipe, TokenizerSpec
 from finetune.errors import FinetuneError
 from finetune.net import require_hub
@@ -292,7 +293,9 @@ def load_run_model(path: str | Path, dtype: torch.dtype = torch.float32, merge: 
         return model.merge_and_unload() if merge else model
     if not (path / "config.json").is_file():
         raise FinetuneError(f"{path} is not a run or model folder (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    vocab.unpad(model)  # a checkpoint of a padded run
+    return model
 
 
 def lora_base_path(run: Path) -> str:

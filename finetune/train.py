@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from finetune import data as data_lib
-from finetune import fast, guards, hub, packing
+from finetune import fast, guards, hub, packing, vocab
 from finetune import model as model_lib
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
@@ -194,6 +194,7 @@ def save_run(trainer, recipe: Recipe, metrics: dict) -> None:
     """Write the final files into a staging folder, then move them in; metrics.json goes last."""
     out = Path(trainer.args.output_dir)
     staging = out / STAGING
+    vocab.unpad(trainer.accelerator.unwrap_model(trainer.model))  # the saved model is standard
     trainer.save_model(str(staging))  # every rank takes part (FSDP gathers); rank 0 writes
     if not trainer.is_world_process_zero():
         return
