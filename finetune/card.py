@@ -70,13 +70,14 @@ def model_card(
     return text
 
 
-def base_model_value(base: Base) -> str:
-    """The card's `base_model`: a hub id where there is one, else a plain statement of it."""
-    if base.hub_id:
-        return base.hub_id
-    if base.kind == "random":
-        return f"none (randomly initialised {base.family or 'model'}, trained from scratch)"
-    return f"none (local model {Path(base.name).name}, not on the hub)"
+def base_model_value(base: Base) -> str | None:
+    """The card's `base_model`: the hub id the run descends from, or None (the field is left out).
+
+    The hub refuses a card whose `base_model` is not a model id on the hub ("Use a model id from
+    https://hf.co/models"), so a run trained from scratch or from an untraceable local folder
+    says where it came from in the card's text (and the `trained-from-scratch` tag) instead.
+    """
+    return base.hub_id or None
 
 
 def hub_datasets(recipe: dict) -> list[str]:

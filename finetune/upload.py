@@ -168,7 +168,8 @@ def describe_base(run: Run, need_weights: bool) -> Base:
         name,
         revision=model.get("revision"),
         hub_id=name,
-        family=_family_in_cache(name, model.get("revision")),
+        # A full run's own config names the family too, where the hub's is not cached.
+        family=_family_in_cache(name, model.get("revision")) or _family(run.path),
     )
 
 

@@ -88,15 +88,22 @@ def files_of(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 
-def check_card(folder: Path, library: str) -> None:
+def check_card(
+    folder: Path, library: str, base_model: str | None = None, family: str | None = "gpt2"
+) -> None:
+    """`base_model`: the hub id expected, or None for a run with no base on the hub (the hub
+    refuses a `base_model` that is not a model id, so the field must then be absent). `family`:
+    the tag expected, None where nothing here can tell (an adapter on an uncached hub base)."""
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(folder / "README.md")
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert card.data.base_model
+    assert card.data.base_model == base_model
+    if base_model is None:
+        assert "base_model" not in card.content.split("---")[1]
     assert card.data.library_name == library
     assert card.data.pipeline_tag == "text-generation"
-    assert {"finetune", "gpt2"} <= set(card.data.tags)
+    assert {"finetune", *([family] if family else [])} <= set(card.data.tags)
     assert f"{metrics['perplexity']:.2f}" in card.text
     assert f"{metrics['perplexity_before']:.2f}" in card.text
     assert "sha256" in card.text and "## Recipe" in card.text
@@ -133,6 +140,8 @@ def test_dry_run_full_run_loads_in_a_pipeline(runs, capsys, no_network):
     assert not any(name.startswith("checkpoint") for name in files_of(folder))
     check_no_pickles(folder)
     check_card(folder, "transformers")
+    card = (folder / "README.md").read_text()
+    assert "trained-from-scratch" in card and "randomly initialised gpt2" in card
 
     settings = GenerationConfig.from_pretrained(folder)  # the recipe's eval: sampling settings
     assert (settings.do_sample, settings.temperature, settings.top_k, settings.top_p) == (
@@ -353,14 +362,26 @@ def test_lora_on_a_hub_base_uploads_the_adapter_alone(tmp_path, runs, capsys, no
     assert not any(name.startswith("base/") for name in files_of(folder))
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "openai-community/gpt2"
+    check_card(folder, "peft", base_model="openai-community/gpt2", family=None)
     card = ModelCard.load(folder / "README.md")
-    assert card.data.base_model == "openai-community/gpt2"
     assert 'from_pretrained("openai-community/gpt2")' in card.text
 
     # Merging needs the base's weights; a dry run will not download them.
     assert run_cli("push", run, "--repo-id", "me/test", "--merged", "--dry-run") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not in the local hub cache" in err
+
+
+def test_full_run_from_a_hub_model_names_it_as_base_model(tmp_path, runs, capsys, no_network):
+    from transformers import pipeline
+
+    run = _rebase(runs["full"], tmp_path / "run", "openai-community/gpt2")
+    folder = dry_run(capsys, run)
+    check_no_pickles(folder)
+    check_card(folder, "transformers", base_model="openai-community/gpt2")
+    assert "trained-from-scratch" not in (folder / "README.md").read_text()
+    generator = pipeline("text-generation", model=str(folder), device="cpu")
+    assert generator("Maya:", max_new_tokens=3, do_sample=False)[0]["generated_text"]
 
 
 def test_lora_on_a_local_base_carries_it(tmp_path, runs, capsys, no_network):
