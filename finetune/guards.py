@@ -13,13 +13,21 @@ from finetune.errors import Diverged, Interrupted
 
 
 class InterruptCallback(TrainerCallback):
-    """First Ctrl-C: finish the step, save a checkpoint, stop. A second one aborts at once."""
+    """First Ctrl-C: finish the step, save a checkpoint, stop. A second one aborts at once.
+
+    Under a launcher each rank gets its own signal, maybe a step apart or not at all (one
+    worker's pid signalled): the ranks agree every step, so all stop and save at the same step."""
 
     def __init__(self):
         self.requested: float = 0.0  # when the first Ctrl-C came (monotonic), 0 if none
         self._previous = None
+        self._announces = True  # the main process tells the user; other ranks stay quiet
+        self._flag = None  # a one-element CPU tensor the ranks all-reduce; None with one process
+        self._group = None  # the gloo process group that reduces it
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._announces = state.is_world_process_zero
+        self._flag, self._group = _distributed_flag()
         self._previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
@@ -27,16 +35,31 @@ class InterruptCallback(TrainerCallback):
         # once; only a deliberate second Ctrl-C, a moment later, aborts without saving.
         if self.requested and time.monotonic() - self.requested > 2:
             raise KeyboardInterrupt
-        if self.requested:
-            return
+        if not self.requested:
+            self._request()
+
+    def _request(self) -> None:
         self.requested = time.monotonic()
-        print(
-            "\nfinetune: Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort)",
-            flush=True,
-        )
+        if self._announces:
+            print(
+                "\nfinetune: Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort)",
+                flush=True,
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        if self._flag is not None:
+            import torch.distributed as dist
+
+            # Decide on the reduced value only: a signal landing during the all-reduce counts
+            # at the next step, on every rank alike.
+            self._flag.fill_(1 if self.requested else 0)
+            dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group)
+            stop = bool(self._flag.item())
+            if stop and not self.requested:
+                self._request()
+        else:
+            stop = bool(self.requested)
+        if stop:
             control.should_save = True
             control.should_training_stop = True
 
@@ -44,6 +67,22 @@ class InterruptCallback(TrainerCallback):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+
+def _distributed_flag():
+    """(a CPU zero, the gloo group to all-reduce it in) when several processes train together;
+    (None, None) otherwise, so one process pays nothing.
+
+    Always a CPU tensor over gloo, also when training runs on NCCL: reading a CUDA tensor's value
+    every step would wait for the GPU to finish the step's queued work, stalling the pipeline."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None, None
+    # Every rank reaches on_train_begin, so every rank creates the group, as new_group requires.
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return torch.zeros(1, dtype=torch.int32), group
 
 
 class NonFiniteLossCallback(TrainerCallback):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -218,3 +219,67 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes(tmp_path):
     )
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert json.loads((out / "metrics.json").read_text())["global_step"] == last + 3
+
+
+def _torchrun_process(out, log, *extra):
+    """`finetune train` on 2 CPU processes, in its own session so a hang can be killed whole."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "finetune", "train"]
+    cmd += [str(DEMO), f"training.output_dir={out}", "training.eval_strategy=no"]
+    cmd += ["training.disable_tqdm=true", "eval.prompts=[]", *extra]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _finish(proc, log, timeout):
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"hung for {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_one_torchrun_worker_stops_every_rank_at_one_step(tmp_path):
+    import psutil
+
+    from finetune.guards import last_checkpoint
+
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    with log.open("w") as sink:
+        proc = _torchrun_process(out, sink, "training.max_steps=100000", "training.save_steps=5")
+        try:
+            started = out / "checkpoint-5" / "trainer_state.json"
+            while not started.exists():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.05)
+            workers = psutil.Process(proc.pid).children()
+            rank1 = next(w for w in workers if w.environ().get("RANK") == "1")
+            rank1.send_signal(signal.SIGINT)  # as a launcher or `kill -INT` might: one rank only
+            code = _finish(proc, log, timeout=90)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    # Every worker exits 130; torchrun reports that as a failed child and exits 1.
+    assert code == 1, text[-3000:]
+    steps = re.findall(r"finetune: interrupted at step (\d+); checkpoint saved in (\S+);", text)
+    assert len(steps) == 2 and steps[0] == steps[1], text[-3000:]
+    step, checkpoint = int(steps[0][0]), steps[0][1]
+    assert checkpoint == last_checkpoint(str(out)) == str(out / f"checkpoint-{step}")
+    assert (
+        json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"]
+        == step
+    )
+    assert text.count("finetune: Ctrl-C: saving a checkpoint") == 1  # rank 0 says it, once
+
+    with log.open("w") as sink:
+        resumed = _torchrun_process(
+            out, sink, f"training.max_steps={step + 2}", "training.resume_from_checkpoint=auto"
+        )
+        assert _finish(resumed, log, timeout=120) == 0, log.read_text()[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == step + 2 and metrics["world_size"] == 2
