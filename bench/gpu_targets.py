@@ -14,7 +14,8 @@ with unused added tokens up to 50257, so the embeddings and the head have the re
 - gpt_neo: GPT-Neo 125M full fine-tune, block 1024, batch 16 (>= 300k tokens/s, <= 15 GiB);
 - gptj: GPT-J 6B LoRA r16 q/v, block 1024, batch 4, activation checkpointing, 4-bit base
   (<= 10 GiB peak): the random bf16 weights are saved first (12 GB, minutes), since a quantized
-  base must be loaded from weights. Needs `pip install 'finetune[gpu]'` (bitsandbytes).
+  base must be loaded from weights. Needs bitsandbytes (the `gpu` extra);
+- gptj_bf16: the same LoRA on the bf16 base, no baseline (>= 10k tokens/s).
 
 `--tiny` runs the same plan with tiny configs, on CPU, to check the script itself.
 """
@@ -70,15 +71,29 @@ PLANS = {
             "lora.alpha=32",
             "training.activation_checkpointing=true",
         ],
+        "quantization": "4bit",
+    },
+    "gptj_bf16": {  # the same LoRA on the bf16 base (the anchor's 10k tokens/s at 15 GiB)
+        "family": "gptj",
+        "config": {},
+        "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4, "rotary_dim": 16},
+        "batch": 4,
+        "overrides": [
+            "lora.enabled=true",
+            "lora.r=16",
+            "lora.alpha=32",
+            "training.activation_checkpointing=true",
+        ],
+        "flags": ["--no-baseline"],  # the 4-bit run measured the baseline already
     },
 }
 
 
-def padded_tokenizer(folder: Path, vocab: int) -> Path:
+def padded_tokenizer(folder: Path, vocab: int, corpus: Path) -> Path:
     sys.path.insert(0, str(ROOT))
     from finetune.model import train_tokenizer
 
-    tokenizer = train_tokenizer([SHAKESPEARE.read_text(encoding="utf-8")], vocab)
+    tokenizer = train_tokenizer([corpus.read_text(encoding="utf-8")], vocab)
     tokenizer.add_tokens([f"<|unused{i}|>" for i in range(vocab - len(tokenizer))])
     assert len(tokenizer) == vocab, len(tokenizer)
     tokenizer.save_pretrained(folder)
@@ -102,6 +117,9 @@ def saved_gptj(folder: Path, config: dict, vocab: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument(
+        "--corpus", type=Path, default=SHAKESPEARE, help="the text to train on and tokenize"
+    )
     parser.add_argument("--only", default="gpt2,gpt2_unpadded,gpt_neo,gptj")
     parser.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp())
     parser.add_argument("--steps", type=int, default=30)
@@ -112,11 +130,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gpu-targets-"))
     block = 64 if args.tiny else 1024
     vocab = 1024 if args.tiny else GPT2_VOCAB
-    tokenizer = padded_tokenizer(work / "tokenizer", vocab)
+    if not args.corpus.is_file():
+        sys.exit(f"gpu_targets: no corpus at {args.corpus}; pass --corpus PATH")
+    tokenizer = padded_tokenizer(work / "tokenizer", vocab, args.corpus)
     recipe = work / "recipe.yaml"
     recipe.write_text(
         f"tokenizer: {{name: {tokenizer}}}\n"
-        f"data: {{train: {SHAKESPEARE}, validation_split: 0.05, "
+        f"data: {{train: {args.corpus}, validation_split: 0.05, "
         f"block_size: {block}, cache_dir: {work / 'cache'}}}\n"
     )
     results = {}
@@ -133,7 +153,9 @@ def main() -> None:
         model = [f"model.architecture={family}", f"model.config={json.dumps(config)}"]
         if family == "gptj":
             weights = saved_gptj(work / "gptj", config, vocab)
-            model = [f"model.name={weights}"] + ([] if args.tiny else ["model.quantization=4bit"])
+            model = [f"model.name={weights}"]
+            if plan.get("quantization") and not args.tiny:  # bitsandbytes needs CUDA
+                model.append(f"model.quantization={plan['quantization']}")
         command = [
             sys.executable,
             "-m",
@@ -158,7 +180,8 @@ def main() -> None:
             results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         results[name]["command"] = " ".join(command)
         print(json.dumps(results[name]), flush=True)
-    (out / "gpu_targets.json").write_text(json.dumps(results, indent=1))
+        # After each plan: a time limit that stops the script keeps the figures measured so far.
+        (out / "gpu_targets.json").write_text(json.dumps(results, indent=1))
     shutil.rmtree(work, ignore_errors=True)  # GPT-J's saved weights are 12 GB
 
 
