@@ -136,7 +136,7 @@ def _run(recipe: Recipe, config, tokenizer, prepared, total: int, warmup: int, p
         dataset = packing.block_dataset(prepared.train, recipe.data)
     model.loss_type = getattr(model, "loss_type", None) or "ForCausalLM"
     timer = _step_timer()
-    trainer = Trainer(
+    trainer = (Trainer if plain else fast.trainer_class())(  # the class `finetune train` uses
         model=model,
         args=args,
         train_dataset=dataset,

@@ -126,6 +126,29 @@ def training_defaults(recipe: Recipe, values: dict, device: dict | None = None) 
     return out
 
 
+def trainer_class():
+    """`transformers.Trainer`, counting trained tokens on the host.
+
+    Trainer's own count (`include_num_input_tokens_seen`) reads a number back from the GPU after
+    every micro-batch's backward (`.item()`), so the GPU runs dry while the host waits and then
+    launches the optimizer step and the next forward. A batch's token count is its shape, known on
+    the host; every process trains a batch of the same shape (accelerate evens the last one out),
+    hence the factor world_size. The count lives in `state.num_input_tokens_seen`, so checkpoints
+    keep it and a resumed run goes on from it. Trainer counts itself when a recipe sets
+    `training.include_num_input_tokens_seen`.
+    """
+    from transformers import Trainer
+
+    class HostCountingTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.args.include_num_input_tokens_seen in ("no", False, None):
+                count = inputs[getattr(self.model, "main_input_name", "input_ids")].numel()
+                self.state.num_input_tokens_seen += count * self.args.world_size
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return HostCountingTrainer
+
+
 def fused_linear_cross_entropy(
     hidden,
     weight,

@@ -25,7 +25,7 @@ STAGING = ".staging"  # final files are written here, then moved into the run fo
 
 
 def train(recipe: Recipe, overwrite: bool = False) -> dict:
-    from transformers import Trainer, default_data_collator, set_seed
+    from transformers import default_data_collator, set_seed
 
     args = training_arguments(recipe)
     resume = resume_checkpoint(recipe, args, overwrite)
@@ -48,7 +48,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict:
         model = with_lora(model, recipe, tokenizer, args)
     model = fast.apply(model, recipe, log=lambda m: log(args, m))
 
-    trainer = Trainer(
+    trainer = fast.trainer_class()(
         model=model,
         args=args,
         train_dataset=packing.block_dataset(prepared.train, recipe.data),
@@ -137,7 +137,6 @@ def training_arguments(recipe: Recipe):
     from transformers import TrainingArguments
 
     values = dict(recipe.training)
-    values.setdefault("include_num_input_tokens_seen", "all")
     values.setdefault("logging_nan_inf_filter", False)  # a NaN loss must reach the guard
     values.setdefault("dataloader_pin_memory", torch.cuda.is_available())
     values.pop("hub_token", None)  # checkpoints pickle these arguments: never a token

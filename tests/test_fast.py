@@ -158,3 +158,40 @@ def test_quantization_on_cpu_is_one_line_exit_2(tmp_path, capsys):
         "remove it (model.quantization=null) to train LoRA on unquantized weights here"
     ]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("trainer_counts", [False, True])
+def test_host_token_count_equals_trainers_own(tmp_path, trainer_counts):
+    """Partial last batches, two epochs, gradient accumulation: the host count is exact."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self):
+            return 11  # batches of 4, 4, 3
+
+        def __getitem__(self, i):
+            ids = torch.arange(i, i + 16)
+            return {"input_ids": ids, "labels": ids}
+
+    def tokens(trainer_class, include):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / include),
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            num_train_epochs=2,
+            include_num_input_tokens_seen=include,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+        )
+        model = build_tiny_model("gpt2", vocab_size=64)
+        trainer = trainer_class(
+            model=model, args=args, train_dataset=Blocks(), data_collator=default_data_collator
+        )
+        trainer.train()
+        return trainer.state.num_input_tokens_seen
+
+    reference = tokens(Trainer, "all")
+    assert reference == 2 * 11 * 16
+    # With the recipe asking Trainer to count, ours steps aside (no double count).
+    assert tokens(fast.trainer_class(), "all" if trainer_counts else "no") == reference

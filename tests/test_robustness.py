@@ -196,6 +196,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     b = json.loads((killed_out / "metrics.json").read_text())
     assert a["global_step"] == b["global_step"] == 40
+    assert a["train_tokens"] == b["train_tokens"]  # the count is checkpointed and resumed
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=0.01)
 
 
