@@ -12,6 +12,8 @@ with unused added tokens up to 50257, so the embeddings and the head have the re
 - gpt2_unpadded: the same with `speed.pad_vocab=1` and no baseline: what vocabulary padding
   (50257 -> 50304 rows, on by default there) is worth through finetune;
 - gpt_neo: GPT-Neo 125M full fine-tune, block 1024, batch 16 (>= 300k tokens/s, <= 15 GiB);
+- gpt_neo_compiled: the same with `training.torch_compile=true`, no baseline (whether compile
+  pays for Neo's SDPA patch, and should become its default as it is GPT-2's);
 - gptj: GPT-J 6B LoRA r16 q/v, block 1024, batch 4, activation checkpointing, 4-bit base
   (<= 10 GiB peak): the random bf16 weights are saved first (12 GB, minutes), since a quantized
   base must be loaded from weights. Needs bitsandbytes (the `gpu` extra);
@@ -60,6 +62,19 @@ PLANS = {
         "tiny": {"num_layers": 2, "hidden_size": 64, "num_heads": 2},
         "batch": 16,
         "overrides": [],
+    },
+    "gpt_neo_compiled": {  # compile is a default for GPT-2 only until measured for Neo
+        "family": "gpt_neo",
+        "config": {
+            "num_layers": 12,
+            "hidden_size": 768,
+            "num_heads": 12,
+            "max_position_embeddings": 2048,
+        },
+        "tiny": {"num_layers": 2, "hidden_size": 64, "num_heads": 2},
+        "batch": 16,
+        "overrides": ["training.torch_compile=true"],
+        "flags": ["--no-baseline"],
     },
     "gptj": {
         "config": {},
@@ -120,7 +135,7 @@ def main() -> None:
     parser.add_argument(
         "--corpus", type=Path, default=SHAKESPEARE, help="the text to train on and tokenize"
     )
-    parser.add_argument("--only", default="gpt2,gpt2_unpadded,gpt_neo,gptj")
+    parser.add_argument("--only", default="gpt2,gpt_neo,gpt_neo_compiled,gpt2_unpadded,gptj")
     parser.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp())
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)

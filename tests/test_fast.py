@@ -195,3 +195,32 @@ def test_host_token_count_equals_trainers_own(tmp_path, trainer_counts):
     assert reference == 2 * 11 * 16
     # With the recipe asking Trainer to count, ours steps aside (no double count).
     assert tokens(fast.trainer_class(), "all" if trainer_counts else "no") == reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo"])
+def test_fast_paths_compile_and_match_eager(family):
+    """`torch_compile` (a GPU default for GPT-2) traces the SDPA patch and the padding mask."""
+    import copy
+
+    from finetune import vocab
+
+    torch.manual_seed(0)
+    reference = build_tiny_model(family, vocab_size=500).eval()
+    reference.loss_type = "ForCausalLM"
+    model = fast.apply(
+        copy.deepcopy(reference), _recipe(family, speed={"pad_vocab": 64}), log=lambda m: None
+    )
+    assert vocab.real_vocab_size(model) == 500 and model.config.vocab_size == 512
+    ids = torch.randint(0, 500, (2, 100), generator=torch.Generator().manual_seed(1))
+
+    compiled = torch.compile(model)(ids, labels=ids)
+    compiled.loss.backward()
+    expected = reference(ids, labels=ids)
+    expected.loss.backward()
+
+    torch.testing.assert_close(compiled.loss, expected.loss, rtol=1e-5, atol=1e-5)
+    grad = model.get_input_embeddings().weight.grad[:500]
+    torch.testing.assert_close(
+        grad, reference.get_input_embeddings().weight.grad, rtol=1e-4, atol=1e-6
+    )
