@@ -37,6 +37,7 @@ def check(path: str, overrides: list[str], as_json: bool = False) -> dict:
         report["data"] = _scan_data(recipe, tokenizer, args)
     if config is not None:
         report["model"] = _model_report(recipe, config, tokenizer)
+        report["speed"] = speed_settings(recipe, report["model"])
         report["memory_gib"] = estimate_memory(recipe, config, args, report["model"])
     report["warnings"] += _warnings(recipe, config, report.get("data"))
     report["warnings"] += _machine_warnings(recipe)
@@ -139,14 +140,53 @@ def _in_out(module) -> tuple[int, int]:
     return module.weight.shape[0], module.weight.shape[1]  # Conv1D stores (in, out)
 
 
+def speed_settings(recipe: Recipe, model: dict) -> dict:
+    """What `train` would switch on, here and (when this machine has none) on a CUDA GPU."""
+    import torch
+
+    from finetune.model import bf16_supported
+
+    here = torch.cuda.is_available()
+    out = {"here": _speed(recipe, model, here, here and bf16_supported())}
+    if not here:
+        out["cuda"] = _speed(recipe, model, True, True)  # Ampere or newer
+    return out
+
+
+def _speed(recipe: Recipe, model: dict, cuda: bool, bf16: bool) -> dict:
+    from finetune import fast
+
+    device = {"cuda": cuda, "capability": (9, 0) if cuda else (0, 0), "family": model["family"]}
+    values = fast.training_defaults(recipe, dict(recipe.training), device=device)
+    if values.get("fp16"):
+        precision = "fp16"
+    elif values.get("bf16", bf16 and recipe.model.dtype in ("auto", "bfloat16")):
+        precision = "bf16"
+    else:
+        precision = "fp32"
+    multiple = fast.pad_vocab_multiple(recipe, model["family"], cuda=cuda)
+    return {
+        "precision": precision,
+        "tf32": bool(values.get("tf32")),
+        "attention": recipe.speed.attention,
+        "loss": fast.loss_kind(recipe, cuda=cuda),
+        "optimizer": values.get("optim", "adamw_torch"),
+        "compile": bool(values.get("torch_compile")),
+        "vocab_rows": math.ceil(model["vocab"] / multiple) * multiple,
+    }
+
+
 def estimate_memory(recipe: Recipe, config, args, model: dict) -> dict:
     """Peak memory per device in GiB: weights, gradients, optimizer state, activations, logits.
 
     A planning figure (within ~30%), not a measurement: activations follow Korthikanti et al.
     (34·b·T·d + 5·b·h·T² bytes per layer at 16 bits), checkpointing keeps one layer input each.
     """
+    from finetune.fast import loss_kind
+    from finetune.loss import DEFAULT_CHUNK_SIZE
     from finetune.model import weights_dtype
 
+    loss = loss_kind(recipe)
     dtype = weights_dtype(recipe.model.dtype, recipe.lora.enabled)
     weight_bytes = dtype.itemsize if hasattr(dtype, "itemsize") else 4
     mixed = bool(args.bf16 or args.fp16) or weight_bytes == 2
@@ -167,7 +207,12 @@ def estimate_memory(recipe: Recipe, config, args, model: dict) -> dict:
         "gradients": model["trainable"] * 4 / gib,
         "optimizer": model["trainable"] * 8 / gib,  # AdamW: two fp32 moments
         "activations": activations / gib,
-        "logits": b * t * model["vocab"] * (act_bytes + 4 + 4) / gib,  # logits, fp32 copy, grad
+        # Standard loss: the logits, their fp32 copy and its gradient, for every token; the
+        # chunked and fused losses hold about one chunk of 1024 tokens' worth at a time.
+        "logits": min(b * t, b * t if loss == "standard" else DEFAULT_CHUNK_SIZE)
+        * model["vocab"]
+        * (act_bytes + 4 + 4)
+        / gib,
     }
     parts = {k: round(v, 3) for k, v in parts.items()}
     parts["total"] = round(sum(parts.values()), 2)
@@ -234,6 +279,11 @@ def _table(report: dict) -> str:
             f"steps        {data['steps_per_epoch']} per epoch, {data['total_steps']} "
             f"in all ({data['processes']} process(es))"
         )
+    speed = report.get("speed")
+    if speed:
+        lines.append(f"speed        {_speed_line(speed['here'])}")
+        if "cuda" in speed:
+            lines.append(f"on a GPU     {_speed_line(speed['cuda'])}")
     memory = report.get("memory_gib")
     if memory:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total")
@@ -244,3 +294,10 @@ def _table(report: dict) -> str:
         lines.append(f"warning      {warning}")
     lines.append("recipe is valid")
     return "\n".join(lines)
+
+
+def _speed_line(speed: dict) -> str:
+    parts = [speed["precision"] + (" + tf32" if speed["tf32"] else ""), speed["attention"]]
+    parts += [f"{speed['loss']} loss", speed["optimizer"]]
+    parts += ["torch.compile"] if speed["compile"] else []
+    return ", ".join(parts) + f", vocabulary {speed['vocab_rows']:,} rows"

@@ -128,6 +128,36 @@ def test_check_json_reports_tokens_steps_and_memory(capsys):
     assert report["model"]["family"] == "gpt2" and report["model"]["parameters"] > 0
 
 
+def test_check_reports_speed_here_and_on_a_gpu(capsys):
+    assert run_cli("check", DEMO, "tokenizer.train_vocab_size=500", "--json") == 0
+    speed = json.loads(capsys.readouterr().out)["speed"]
+    assert speed["here"] == {
+        "precision": "fp32",
+        "tf32": False,
+        "attention": "sdpa",
+        "loss": "standard",
+        "optimizer": "adamw_torch",
+        "compile": False,
+        "vocab_rows": 500,
+    }
+    gpu = speed["cuda"]
+    assert gpu["precision"] == "bf16" and gpu["compile"] and gpu["vocab_rows"] == 512
+    assert gpu["optimizer"] == "adamw_torch_fused"
+
+    assert run_cli("check", DEMO, "lora.enabled=true", "--json") == 0
+    gpu = json.loads(capsys.readouterr().out)["speed"]["cuda"]
+    assert gpu["loss"] == "chunked" and not gpu["compile"] and gpu["vocab_rows"] == 1024
+
+
+def test_check_memory_counts_the_chunked_loss(capsys):
+    big = ["data.block_size=256", "training.per_device_train_batch_size=32", "--json"]
+    assert run_cli("check", DEMO, *big) == 0
+    standard = json.loads(capsys.readouterr().out)["memory_gib"]["logits"]
+    assert run_cli("check", DEMO, "speed.loss=chunked", *big) == 0
+    chunked = json.loads(capsys.readouterr().out)["memory_gib"]["logits"]
+    assert chunked == pytest.approx(standard * 1024 / (256 * 32), abs=1e-3)
+
+
 def test_check_lists_lora_modules_and_warns(capsys):
     assert run_cli("check", DEMO, "lora.enabled=true", "lora.target_modules=all", "--json") == 0
     report = json.loads(capsys.readouterr().out)
