@@ -13,6 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from finetune import data as data_lib
 from finetune import fast, guards, hub, packing, vocab
 from finetune import model as model_lib
@@ -48,6 +50,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict:
         model = with_lora(model, recipe, tokenizer, args)
     model = fast.apply(model, recipe, log=lambda m: log(args, m))
 
+    before = BeforeTraining(args, resume)  # sets eval_on_start: see why in its docstring
     trainer = fast.trainer_class()(
         model=model,
         args=args,
@@ -59,18 +62,17 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict:
             *sample_callbacks(recipe, tokenizer, resumed=resume is not None),
             interrupt := guards.InterruptCallback(),
             nonfinite := guards.NonFiniteLossCallback(),
+            before,
         ],
     )
     _tensorboard_into_run(trainer)
-    before = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
-    start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - start
+    seconds = before.seconds_since_start()
     guards.raise_if_stopped(interrupt, nonfinite, args.output_dir, result.global_step)
     after = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
 
     metrics = run_metrics(
-        trainer, result, before, after, seconds, prepared.stats(recipe.data.block_size)
+        trainer, result, before.loss, after, seconds, prepared.stats(recipe.data.block_size)
     )
     save_run(trainer, recipe, metrics)
     if trainer.is_world_process_zero():
@@ -89,11 +91,46 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict:
 
 
 def _tensorboard_into_run(trainer) -> None:
-    """TensorBoard's callback learns its folder at train start, after our first evaluation has
-    logged: without this it writes that one event to ./runs in the working directory."""
+    """TensorBoard's events go to RUN/runs, the folder the docs name (left to itself, the
+    callback picks a dated folder, or ./runs for an event logged before training starts)."""
     for callback in trainer.callback_handler.callbacks:
         if type(callback).__name__ == "TensorBoardCallback" and callback.logging_dir is None:
             callback.logging_dir = str(Path(trainer.args.output_dir) / "runs")
+
+
+class BeforeTraining(TrainerCallback):
+    """The validation loss before the first step, and when training proper started.
+
+    Measured by Trainer's `eval_on_start`, inside train(), once the launcher's wrapping (DDP) is
+    in place: an evaluate() call before train() leaves the model unwrapped under transformers 5,
+    and each process then trains its own copy without sharing gradients. A resumed run reads the
+    loss from its checkpoint rather than evaluating the checkpoint.
+    """
+
+    def __init__(self, args, resume: str | None):
+        self.loss = logged_loss_before(resume) if resume else None
+        args.eval_on_start = self.loss is None
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.loss is None and metrics and "eval_loss" in metrics:
+            self.loss = metrics["eval_loss"]
+            self.started = time.perf_counter()  # the evaluation is not training time
+
+    def seconds_since_start(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def logged_loss_before(checkpoint: str) -> float | None:
+    """The validation loss the run logged before its first step, from a checkpoint's state."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    for entry in state.get("log_history", []):
+        if entry.get("step") == 0 and "eval_loss" in entry:
+            return entry["eval_loss"]
+    return None
 
 
 def with_lora(model, recipe: Recipe, tokenizer, args):

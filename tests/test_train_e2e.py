@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -170,3 +171,26 @@ def test_torchrun_two_processes_on_cpu(tmp_path, corpus):
         "checkpoint-6",
     ]
     assert not (out / ".staging").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_processes_train_one_model(tmp_path):
+    """DDP really wraps the model: both processes end with the same weights (they would not if
+    each trained its own copy, as happened when the model was evaluated before training)."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29534"]
+        + [str(ROOT / "tests" / "ddp_probe.py"), str(tmp_path / "run")]
+        + ["training.max_steps=4", "eval.prompts=[]"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    probes = re.findall(r"probe rank=(\d) wrapper=(\w+) checksum=(\S+)", result.stdout)
+    assert sorted(rank for rank, _, _ in probes) == ["0", "1"], result.stdout[-2000:]
+    assert {wrapper for _, wrapper, _ in probes} == {"DistributedDataParallel"}
+    assert len({checksum for _, _, checksum in probes}) == 1
