@@ -40,7 +40,7 @@ def check(path: str, overrides: list[str], as_json: bool = False) -> dict:
         report["speed"] = speed_settings(recipe, report["model"])
         report["memory_gib"] = estimate_memory(recipe, config, args, report["model"])
     report["warnings"] += _warnings(recipe, config, report.get("data"))
-    report["warnings"] += _machine_warnings(recipe)
+    report["warnings"] += _machine_warnings(recipe, args)
     print(json.dumps(report, indent=2) if as_json else _table(report))
     return report
 
@@ -227,7 +227,33 @@ def _warnings(recipe: Recipe, config, data: dict | None) -> list[str]:
             f"training.fp16 on {family} tends to overflow (inf/NaN loss); "
             "use training.bf16=true on GPUs that support it"
         )
+    rate = recipe.training.get("learning_rate")
+    high = 1e-2 if recipe.lora.enabled else 1e-3
+    pretrained = recipe.model.name is not None  # training from scratch takes larger rates
+    if pretrained and isinstance(rate, (int, float)) and rate > high:
+        out.append(
+            f"training.learning_rate {rate:g} is high for "
+            f"{'LoRA' if recipe.lora.enabled else 'a full fine-tune'} of pretrained weights "
+            f"(typical: {'1e-4 to 5e-4' if recipe.lora.enabled else '1e-5 to 1e-4'}); expect "
+            "a diverging loss"
+        )
+    output = recipe.output_dir
+    if (
+        output.is_dir()
+        and any(output.iterdir())
+        and not recipe.training.get("resume_from_checkpoint")
+    ):
+        out.append(
+            f"the output folder {output} is not empty: train will refuse it; pass --overwrite, "
+            "choose another training.output_dir or resume with "
+            "training.resume_from_checkpoint=auto"
+        )
     if data:
+        if data["validation"]["tokens"] > data["train"]["tokens"]:
+            out.append(
+                "the validation set is larger than the training set: are data.train and "
+                "data.validation the right way round?"
+            )
         if data["train"]["blocks"] < 8:
             out.append(
                 f"the training set is only {data['train']['blocks']} blocks: expect "
@@ -240,13 +266,14 @@ def _warnings(recipe: Recipe, config, data: dict | None) -> list[str]:
     return out
 
 
-def _machine_warnings(recipe: Recipe) -> list[str]:
+def _machine_warnings(recipe: Recipe, args) -> list[str]:
     """Settings this machine cannot honour (a GPU-only option on a laptop, no hub token): the
     recipe may be meant for another machine, so these warn here and stop `train` there."""
     from finetune import fast, hub
+    from finetune.train import check_reporting
 
     out = []
-    for guard in (fast.check, hub.preflight):
+    for guard in (fast.check, hub.preflight, lambda r: check_reporting(args)):
         try:
             guard(recipe)
         except FinetuneError as exc:

@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if not args.debug:  # library deprecation chatter is not for users of the CLI
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -182,6 +182,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _end_process_group()
+
+
+def parse_args(argv: list[str] | None):
+    """Like parse_args, but KEY=VALUE overrides may also follow flags (`train R --overwrite k=v`):
+    argparse ends a positional list at the first flag and leaves the rest unrecognised."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all(_is_override(e) for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
 
 
 def _end_process_group() -> None:

@@ -331,7 +331,19 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    raise FinetuneError(f"{path}: expected {_describe(hint)}, got {value!r}")
+    close = difflib.get_close_matches(str(value), _choices(hint), n=1) if value is not None else []
+    hint_text = f"; did you mean {close[0]}?" if close else ""
+    raise FinetuneError(f"{path}: expected {_describe(hint)}, got {value!r}{hint_text}")
+
+
+def _choices(hint: Any) -> list[str]:
+    """The string values a Literal (possibly inside a union) allows."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return [c for arg in typing.get_args(hint) for c in _choices(arg)]
+    if origin is Literal:
+        return [a for a in typing.get_args(hint) if isinstance(a, str)]
+    return []
 
 
 def _fits(value: Any, hint: Any) -> bool:

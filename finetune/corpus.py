@@ -58,7 +58,9 @@ def resolve(spec: str, key: str) -> Source:
             raise FinetuneError(f"{key}: the folder {spec} holds no .txt or .md file")
         return Source(spec, key, files)
     if not path.is_file():
-        raise FinetuneError(f"{key}: file not found: {spec} (check the path, or run `make data`)")
+        # `make data` fetches only the Elon Musk transcripts the shipped recipes train on.
+        fix = "run `make data`" if path.name == "elon-musk.txt" else "check the path"
+        raise FinetuneError(f"{key}: file not found: {spec} ({fix})")
     if path.suffix.lower() not in TEXT_SUFFIXES + TABLE_SUFFIXES:
         raise FinetuneError(
             f"{key}: unsupported file type {path.suffix or '(none)'} for {spec}; use .txt, .md, "

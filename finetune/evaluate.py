@@ -209,6 +209,13 @@ def text_tokens(spec: str, tokenizer, recipe=None) -> np.ndarray:
     return np.concatenate(data_lib.tokenize_documents(tokenizer, docs, progress=False))
 
 
+def _stride_too_large(stride: int, window: int):
+    raise FinetuneError(
+        f"--stride {stride} is larger than the window of {window} tokens; use --stride {window} "
+        "or less"
+    )
+
+
 def window_of(recipe, model) -> int:
     """The run's block size (what the model was trained on), else the model's context."""
     from finetune.model import context_length
@@ -278,6 +285,8 @@ def evaluate(
         corpus.resolve(data, "--data")  # a wrong path fails before the model loads
     if stride is not None and stride < 1:
         raise FinetuneError(f"--stride must be a positive number of tokens, got {stride}")
+    if stride is not None and recipe is not None and stride > recipe.data.block_size:
+        _stride_too_large(stride, recipe.data.block_size)  # before the weights load
     if base:
         from finetune.model import resolve_config
 
@@ -286,7 +295,7 @@ def evaluate(
     window = window_of(recipe, model)
     stride = stride or window
     if stride > window:
-        raise FinetuneError(f"--stride {stride} is larger than the window of {window} tokens")
+        _stride_too_large(stride, window)
     if data is None and stride == window:  # the very blocks (and packing) the run evaluated on
         from finetune.packing import block_dataset
 

@@ -82,6 +82,8 @@ def merge_run(run: str) -> str:
     from finetune.model import load_run_model
 
     path = Path(run)
+    if not path.is_dir():
+        raise FinetuneError(f"run folder not found: {run} (give a LoRA run folder)")
     if not (path / "adapter_config.json").is_file():
         raise FinetuneError(f"{run} is not a LoRA run folder (no adapter_config.json)")
     model = load_run_model(path, merge=True)

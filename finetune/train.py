@@ -30,6 +30,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict:
     from transformers import default_data_collator, set_seed
 
     args = training_arguments(recipe)
+    check_reporting(args)
     resume = resume_checkpoint(recipe, args, overwrite)
     config = model_lib.resolve_config(recipe.model)
     check_block_size(recipe, config)
@@ -190,6 +191,20 @@ def training_arguments(recipe: Recipe):
     return TrainingArguments(**values)
 
 
+def check_reporting(args) -> None:
+    """`training.report_to` names only installed integrations (Trainer fails later otherwise)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = get_available_reporting_integrations()
+    missing = [name for name in args.report_to if name not in (*available, "all", "none")]
+    if missing:
+        how = "pip install 'finetune[tensorboard]'" if missing == ["tensorboard"] else "install it"
+        raise FinetuneError(
+            f"training.report_to: {', '.join(missing)} is not installed here; {how}, or remove "
+            "it from training.report_to"
+        )
+
+
 def resume_checkpoint(recipe: Recipe, args, overwrite: bool) -> str | None:
     """The checkpoint to resume from; refuse to write into a finished or foreign run folder."""
     out = Path(args.output_dir)
@@ -235,6 +250,7 @@ def save_run(trainer, recipe: Recipe, metrics: dict) -> None:
     if not trainer.is_world_process_zero():
         return
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml says it all
+    (staging / "README.md").unlink(missing_ok=True)  # PEFT's blank card; `finetune push` writes one
     (staging / "recipe.yaml").write_text(recipe.to_yaml())
     adapter_config = staging / "adapter_config.json"
     if adapter_config.is_file() and (staging / model_lib.BASE_SUBDIR).is_dir():

@@ -37,6 +37,8 @@ def test_malformed_override_is_an_error(bad):
         ("data.blocksize=64", "unknown key data.blocksize: did you mean data.block_size?"),
         ("training.learnin_rate=1", "did you mean training.learning_rate?"),
         ("model.nmae=gpt2", "did you mean model.name?"),
+        ("model.architecture=gpt-neo", "got 'gpt-neo'; did you mean gpt_neo?"),
+        ("speed.loss=chunk", "did you mean chunked?"),
     ],
 )
 def test_unknown_keys_name_the_path_and_the_closest_key(override, expected):

@@ -104,11 +104,12 @@ def test_cached_path_imports_neither_torch_nor_transformers(setup):
 
 def test_bad_input_is_one_line_exit_2(setup, capsys):
     assert run_cli("prepare", setup, "data.train=/nonexistent/corpus.txt") == 2
+    assert run_cli("prepare", setup, "data.train=/nonexistent/elon-musk.txt") == 2
     assert run_cli("prepare", setup, "training.seed=soon") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "finetune: error: data.train: file not found: /nonexistent/corpus.txt "
-        "(check the path, or run `make data`)",
+        "finetune: error: data.train: file not found: /nonexistent/corpus.txt (check the path)",
+        "finetune: error: data.train: file not found: /nonexistent/elon-musk.txt (run `make data`)",
         "finetune: error: training.seed: expected an integer, got 'soon'",
     ]
 

@@ -128,6 +128,26 @@ def test_check_json_reports_tokens_steps_and_memory(capsys):
     assert report["model"]["family"] == "gpt2" and report["model"]["parameters"] > 0
 
 
+def test_report_to_an_integration_not_installed_exits_2_before_anything(tmp_path, capsys):
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    missing = sorted(set(INTEGRATION_TO_CALLBACK) - set(get_available_reporting_integrations()))[0]
+    out = tmp_path / "out"
+    code = run_cli("train", DEMO, f"training.report_to={missing}", f"training.output_dir={out}")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not out.exists()
+    assert len(err.splitlines()) == 1 and f"{missing} is not installed" in err
+
+
+def test_overrides_may_follow_flags(capsys):
+    assert run_cli("check", DEMO, "--json", "data.block_size=32") == 0
+    assert json.loads(capsys.readouterr().out)["data"]["train"]["blocks"] > 200  # 132 at 64
+    with pytest.raises(SystemExit) as exited:  # a misspelt flag is still an error
+        run_cli("check", DEMO, "--jsn", "data.block_size=32")
+    assert exited.value.code == 2 and "unrecognized arguments: --jsn" in capsys.readouterr().err
+
+
 def test_check_reports_speed_here_and_on_a_gpu(capsys):
     assert run_cli("check", DEMO, "tokenizer.train_vocab_size=500", "--json") == 0
     speed = json.loads(capsys.readouterr().out)["speed"]
@@ -156,6 +176,32 @@ def test_check_memory_counts_the_chunked_loss(capsys):
     assert run_cli("check", DEMO, "speed.loss=chunked", *big) == 0
     chunked = json.loads(capsys.readouterr().out)["memory_gib"]["logits"]
     assert chunked == pytest.approx(standard * 1024 / (256 * 32), abs=1e-3)
+
+
+def test_check_warns_about_swapped_sets_high_rates_and_a_used_folder(tmp_path, full_run, capsys):
+    sample = ROOT / "data" / "sample-podcast.txt"
+    small = tmp_path / "small.txt"
+    small.write_text(sample.read_text()[:3000])
+    overrides = [f"data.train={small}", f"data.validation={sample}", "--json"]
+    assert run_cli("check", DEMO, f"training.output_dir={full_run}", *overrides) == 0
+    warnings = "\n".join(json.loads(capsys.readouterr().out)["warnings"])
+    assert "larger than the training set" in warnings
+    assert f"the output folder {full_run} is not empty" in warnings
+    assert "learning_rate" not in warnings  # 3e-3 from scratch is fine
+
+    assert (
+        run_cli(
+            "check",
+            DEMO,
+            f"model.name={full_run}",
+            "model.architecture=null",
+            "training.learning_rate=0.01",
+            "--json",
+        )
+        == 0
+    )
+    warnings = "\n".join(json.loads(capsys.readouterr().out)["warnings"])
+    assert "training.learning_rate 0.01 is high for a full fine-tune of pretrained" in warnings
 
 
 def test_check_lists_lora_modules_and_warns(capsys):
