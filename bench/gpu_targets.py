@@ -126,6 +126,9 @@ def saved_gptj(folder: Path, config: dict, vocab: int) -> Path:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(folder)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # 12 GB the bench subprocesses need more
     return folder
 
 

@@ -5,7 +5,10 @@ Both runs happen in one process, on the recipe's data blocks, for the same numbe
 - finetune: the model, TrainingArguments and data exactly as `finetune train` builds them
   (`speed:` fast paths, GPU defaults, `data.packing`).
 - baseline: `transformers.Trainer` with run_clm's defaults: TrainingArguments' defaults with
-  batch 8 (fp32, no compile, no dataloader workers), transformers' own attention and loss
+  batch 8 (fp32, no compile, no dataloader workers), TF32 matmuls where the GPU has them (as in
+  ../shared/bench/anchor_gpu.py, whose 95k tokens/s the targets' ratios were set against; set
+  explicitly, since TF32 is process-wide and the finetune run before may have switched it on),
+  transformers' own attention and loss
   (GPT-Neo eager), concatenated blocks, `default_data_collator`. The model is the recipe's, with
   its LoRA adapters and gradient checkpointing if it has them, but never quantized.
 
@@ -19,6 +22,7 @@ the process's peak resident set (reset before each run).
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
@@ -93,6 +97,7 @@ def _run(recipe: Recipe, config, tokenizer, prepared, total: int, warmup: int, p
     import torch
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
     from transformers.trainer_callback import PrinterCallback
+    from transformers.utils import is_torch_tf32_available
 
     from finetune import fast, packing
     from finetune import model as model_lib
@@ -121,6 +126,7 @@ def _run(recipe: Recipe, config, tokenizer, prepared, total: int, warmup: int, p
             per_device_train_batch_size=RUN_CLM_BATCH_SIZE,
             seed=seed,
             dataloader_pin_memory=torch.cuda.is_available(),  # no-op on CPU
+            tf32=True if is_torch_tf32_available() else None,  # see the module's docstring
             activation_checkpointing=_checkpointing(recipe),
             **quiet,
         )
@@ -170,6 +176,7 @@ def _run(recipe: Recipe, config, tokenizer, prepared, total: int, warmup: int, p
         "peak_memory_gib": _peak_memory_gib(cuda),
     }
     del trainer, model
+    gc.collect()  # the fast paths' forward closures hold the model in a reference cycle
     shutil.rmtree(out, ignore_errors=True)
     if cuda:
         torch.cuda.empty_cache()

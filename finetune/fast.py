@@ -186,7 +186,11 @@ def fused_linear_cross_entropy(
         if torch.is_autocast_enabled(device_type)
         else weight.dtype
     )
-    loss_sum = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum")
+    # fp32 gradient accumulators for the head, as the chunked loss keeps (Liger's default is the
+    # weight's dtype, bf16 here, which matters when the head trains).
+    loss_sum = LigerFusedLinearCrossEntropyLoss(
+        ignore_index=ignore_index, reduction="sum", accum_dtype=torch.float32
+    )
     with torch.autocast(device_type, enabled=False):
         total = loss_sum(
             weight.to(dtype), hidden.to(dtype), labels, bias.to(dtype) if bias is not None else None

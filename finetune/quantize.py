@@ -55,8 +55,15 @@ def prepare_for_lora(model, args):
     """`peft.prepare_model_for_kbit_training`, honouring `training.activation_checkpointing`."""
     from peft import prepare_model_for_kbit_training
 
+    # Trainer's own keys (which layers, CPU offload) are not torch.utils.checkpoint's: Trainer
+    # applies them itself when it turns checkpointing on again.
+    kwargs = {
+        k: v
+        for k, v in (args.activation_checkpointing_kwargs or {}).items()
+        if k not in ("every_n_layers", "offload")
+    }
     return prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=bool(args.activation_checkpointing),
-        gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs,
+        gradient_checkpointing_kwargs=kwargs or None,
     )

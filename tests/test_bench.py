@@ -63,3 +63,30 @@ def test_bench_runs_both_on_cpu(corpus, capsys):
 def test_bench_refuses_too_few_steps(capsys):
     assert run_cli("bench", DEMO, "--steps", "1") == 2
     assert "at least 2" in capsys.readouterr().err
+
+
+def test_finetune_model_is_freed_before_the_baseline(monkeypatch, capsys):
+    """The fast paths' forward closures make a reference cycle: without a collection the first
+    model would still hold its memory while the baseline loads (and count in its peak)."""
+    import gc
+    import weakref
+
+    from finetune import model as model_lib
+
+    models, alive_at_baseline = [], []
+    load_model = model_lib.load_model
+
+    def remember(*args, **kwargs):
+        if models:  # the baseline's model: is the first one gone?
+            alive_at_baseline.append(models[0]() is not None)
+        models.append(weakref.ref(model := load_model(*args, **kwargs)))
+        return model
+
+    monkeypatch.setattr(model_lib, "load_model", remember)
+    gc.disable()  # only bench's own collection may free it
+    try:
+        assert run_cli("bench", DEMO, "speed.loss=chunked", "--steps", "2", "--warmup", "1") == 0
+    finally:
+        gc.enable()
+    capsys.readouterr()
+    assert alive_at_baseline == [False]

@@ -224,3 +224,25 @@ def test_fast_paths_compile_and_match_eager(family):
     torch.testing.assert_close(
         grad, reference.get_input_embeddings().weight.grad, rtol=1e-4, atol=1e-6
     )
+
+
+def test_kbit_preparation_gets_only_checkpoint_kwargs(monkeypatch):
+    """Trainer's own checkpointing keys (every_n_layers, offload) are not torch's."""
+    import peft
+    from transformers import TrainingArguments
+
+    from finetune.quantize import prepare_for_lora
+
+    seen = {}
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", lambda m, **kw: seen.update(kw))
+    args = TrainingArguments(
+        output_dir="unused",
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": 2},
+        report_to="none",
+    )
+    prepare_for_lora(object(), args)
+    assert seen == {
+        "use_gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    }
