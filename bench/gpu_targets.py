@@ -37,70 +37,48 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 GPT2_VOCAB = 50257
 
+GPT2 = {
+    "family": "gpt2",
+    "config": {},
+    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
+    "batch": 16,
+    "overrides": [],
+}
+GPT_NEO = {
+    "family": "gpt_neo",
+    "config": {
+        "num_layers": 12,
+        "hidden_size": 768,
+        "num_heads": 12,
+        "max_position_embeddings": 2048,
+    },
+    "tiny": {"num_layers": 2, "hidden_size": 64, "num_heads": 2},
+    "batch": 16,
+    "overrides": [],
+}
+GPTJ_LORA = {
+    "family": "gptj",
+    "config": {},
+    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4, "rotary_dim": 16},
+    "batch": 4,
+    "overrides": [
+        "lora.enabled=true",
+        "lora.r=16",
+        "lora.alpha=32",
+        "training.activation_checkpointing=true",
+    ],
+}
+NO_BASELINE = {"flags": ["--no-baseline"]}  # the family's first plan measured it already
+
 PLANS = {
-    "gpt2": {
-        "config": {},
-        "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
-        "batch": 16,
-        "overrides": [],
-    },
-    "gpt2_unpadded": {
-        "family": "gpt2",
-        "config": {},
-        "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
-        "batch": 16,
-        "overrides": ["speed.pad_vocab=1"],
-        "flags": ["--no-baseline"],
-    },
-    "gpt_neo": {
-        "config": {
-            "num_layers": 12,
-            "hidden_size": 768,
-            "num_heads": 12,
-            "max_position_embeddings": 2048,
-        },
-        "tiny": {"num_layers": 2, "hidden_size": 64, "num_heads": 2},
-        "batch": 16,
-        "overrides": [],
-    },
-    "gpt_neo_compiled": {  # compile is a default for GPT-2 only until measured for Neo
-        "family": "gpt_neo",
-        "config": {
-            "num_layers": 12,
-            "hidden_size": 768,
-            "num_heads": 12,
-            "max_position_embeddings": 2048,
-        },
-        "tiny": {"num_layers": 2, "hidden_size": 64, "num_heads": 2},
-        "batch": 16,
-        "overrides": ["training.torch_compile=true"],
-        "flags": ["--no-baseline"],
-    },
-    "gptj": {
-        "config": {},
-        "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4, "rotary_dim": 16},
-        "batch": 4,
-        "overrides": [
-            "lora.enabled=true",
-            "lora.r=16",
-            "lora.alpha=32",
-            "training.activation_checkpointing=true",
-        ],
-        "quantization": "4bit",
-    },
-    "gptj_bf16": {  # the same LoRA on the bf16 base (the anchor's 10k tokens/s at 15 GiB)
-        "family": "gptj",
-        "config": {},
-        "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4, "rotary_dim": 16},
-        "batch": 4,
-        "overrides": [
-            "lora.enabled=true",
-            "lora.r=16",
-            "lora.alpha=32",
-            "training.activation_checkpointing=true",
-        ],
-        "flags": ["--no-baseline"],  # the 4-bit run measured the baseline already
-    },
+    "gpt2": GPT2,
+    "gpt2_unpadded": {**GPT2, **NO_BASELINE, "overrides": ["speed.pad_vocab=1"]},
+    "gpt_neo": GPT_NEO,
+    # compile is a default for GPT-2 only until measured for Neo
+    "gpt_neo_compiled": {**GPT_NEO, **NO_BASELINE, "overrides": ["training.torch_compile=true"]},
+    "gptj": {**GPTJ_LORA, "quantization": "4bit"},
+    # the same LoRA on the bf16 base (the anchor's 10k tokens/s at 15 GiB)
+    "gptj_bf16": {**GPTJ_LORA, **NO_BASELINE},
 }
 
 
@@ -138,7 +116,7 @@ def main() -> None:
     parser.add_argument(
         "--corpus", type=Path, default=SHAKESPEARE, help="the text to train on and tokenize"
     )
-    parser.add_argument("--only", default="gpt2,gpt_neo,gpt_neo_compiled,gpt2_unpadded,gptj")
+    parser.add_argument("--only", default="gpt2,gpt_neo,gpt_neo_compiled,gpt2_unpadded,gptj,gptj_bf16")
     parser.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp())
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
@@ -160,7 +138,7 @@ def main() -> None:
     results = {}
     for name in args.only.split(","):
         plan = PLANS[name]
-        family = plan.get("family", name)
+        family = plan["family"]
         config = plan["tiny"] if args.tiny else plan["config"]
         config = {
             **config,

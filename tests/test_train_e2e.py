@@ -132,35 +132,30 @@ def test_block_size_beyond_context_is_refused(tmp_path):
     assert result.returncode == 2 and "beyond the model's context of 256" in result.stderr
 
 
+def _torchrun(port: int, *args: str) -> subprocess.CompletedProcess:
+    """2 CPU processes under torchrun (gloo); args: a module (-m ...) or a script, then its own."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tmp_path, corpus):
     out = tmp_path / "ddp"
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29533",
-            "-m",
-            "finetune",
-            "train",
-            str(DEMO),
-            tiny_config_arg("gpt2"),
-            f"data.train={corpus['train']}",
-            f"data.validation={corpus['validation']}",
-            f"training.output_dir={out}",
-            "training.max_steps=12",
-            "training.save_steps=6",
-            "training.eval_steps=6",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+    result = _torchrun(
+        29533,
+        "-m",
+        "finetune",
+        "train",
+        str(DEMO),
+        tiny_config_arg("gpt2"),
+        f"data.train={corpus['train']}",
+        f"data.validation={corpus['validation']}",
+        f"training.output_dir={out}",
+        "training.max_steps=12",
+        "training.save_steps=6",
+        "training.eval_steps=6",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -177,17 +172,9 @@ def test_torchrun_two_processes_on_cpu(tmp_path, corpus):
 def test_torchrun_processes_train_one_model(tmp_path):
     """DDP really wraps the model: both processes end with the same weights (they would not if
     each trained its own copy, as happened when the model was evaluated before training)."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29534"]
-        + [str(ROOT / "tests" / "ddp_probe.py"), str(tmp_path / "run")]
-        + ["training.max_steps=4", "eval.prompts=[]"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+    probe = str(ROOT / "tests" / "ddp_probe.py")
+    result = _torchrun(
+        29534, probe, str(tmp_path / "run"), "training.max_steps=4", "eval.prompts=[]"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     probes = re.findall(r"probe rank=(\d) wrapper=(\w+) checksum=(\S+)", result.stdout)
