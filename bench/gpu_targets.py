@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument(
         "--corpus", type=Path, default=SHAKESPEARE, help="the text to train on and tokenize"
     )
-    parser.add_argument("--only", default="gpt2,gpt_neo,gpt_neo_compiled,gpt2_unpadded,gptj,gptj_bf16")
+    parser.add_argument("--only", default=",".join(PLANS))
     parser.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp())
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
